@@ -1,0 +1,46 @@
+# `make run`: set up and start the app on 127.0.0.1. `make test`: set up and run the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8501
+DATA := cache/emoji3/metadata.csv
+
+.PHONY: install data run test demo-model mini-model clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DATA): | $(STAMP)
+	$(PY) -m dtrak_core build-data
+
+data: $(DATA)
+
+run: install data
+	$(VENV)/bin/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true
+
+test: install data
+	$(PY) -m pytest -q
+
+# The embedded models, retrained from scratch (see models/*/recipe.json for what ran).
+demo-model: install data
+	$(PY) -m dtrak_core train --out models/emoji3-demo --preset demo --filter-column category \
+	  --filter-values "Smileys & Emotion" --steps 5000 --warmup-steps 300 --lr 6e-4 --batch-size 32 \
+	  --checkpoint-every 250
+	$(PY) -m dtrak_core generate --model models/emoji3-demo --seeds 0-63 --out cache/demo-samples
+
+mini-model: install data
+	$(PY) -m dtrak_core train --out models/emoji3-mini --preset mini --image-size 16 \
+	  --filter-column category --filter-values "Smileys & Emotion" --steps 600 --warmup-steps 60 \
+	  --lr 1e-3 --batch-size 32 --checkpoint-every 100
+
+clean:
+	rm -rf $(VENV) cache/emoji3 cache/samples

@@ -1,0 +1,119 @@
+"""Sampling with fixed seeds: the same (model, seed, sampler) always gives the same image.
+
+The initial noise of seed s is drawn on the CPU from ``torch.Generator().manual_seed(s)`` with
+shape (1, 3, H, W); DDPM's per-step noise comes from that same per-seed generator. Batching
+seeds together therefore changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.models import load_pipeline, model_hash
+from dtrak_core.paths import CACHE_DIR
+
+SAMPLES_FILE = "samples.json"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """``kind`` 'ddim' (deterministic with eta = 0) or 'ddpm' (ancestral, all T steps)."""
+
+    kind: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+
+    def validate(self) -> None:
+        if self.kind not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.kind!r}")
+        if self.steps <= 0:
+            raise ValueError(f"sampler steps must be positive, got {self.steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}-{self.steps}-eta{self.eta:g}" if self.kind == "ddim" else "ddpm-1000"
+
+
+@torch.no_grad()
+def sample(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int],
+           sampler: SamplerConfig = SamplerConfig(), progress: bool = False) -> torch.Tensor:
+    """Images (len(seeds), 3, H, W) in [-1, 1], one per seed."""
+    sampler.validate()
+    size = unet.config.sample_size
+    channels = unet.config.in_channels
+    device = next(unet.parameters()).device
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.cat([torch.randn((1, channels, size, size), generator=g) for g in generators]).to(device)
+    if sampler.kind == "ddim":
+        steps_scheduler = DDIMScheduler.from_config(scheduler.config)
+        steps_scheduler.set_timesteps(sampler.steps)
+    else:
+        steps_scheduler = DDPMScheduler.from_config(scheduler.config)
+        steps_scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+    for t in tqdm(steps_scheduler.timesteps, desc="sample", disable=not progress, leave=False):
+        eps = unet(x, t.to(device)).sample
+        if sampler.kind == "ddim":
+            x = steps_scheduler.step(eps, t, x, eta=sampler.eta, generator=generators).prev_sample
+        else:
+            x = steps_scheduler.step(eps, t, x, generator=generators).prev_sample
+    return x.clamp(-1, 1).cpu()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(n, 3, H, W) in [-1, 1] -> RGB images."""
+    arrays = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def default_samples_dir(model_dir: str | Path, sampler: SamplerConfig) -> Path:
+    return CACHE_DIR / "samples" / model_hash(model_dir)[:16] / sampler.tag
+
+
+def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: SamplerConfig,
+                       out_dir: str | Path | None = None, batch_size: int = 64,
+                       progress: bool = True) -> Path:
+    """Write ``<seed>.png`` for each seed plus ``samples.json`` (model hash, sampler, seeds).
+
+    Seeds whose image is already in the folder are not sampled again.
+    """
+    sampler.validate()
+    out = Path(out_dir) if out_dir is not None else default_samples_dir(model_dir, sampler)
+    out.mkdir(parents=True, exist_ok=True)
+    unet, scheduler = load_pipeline(model_dir)
+    info = {"model": str(model_dir), "model_hash": model_hash(model_dir), "sampler": asdict(sampler)}
+    index_file = out / SAMPLES_FILE
+    index = json.loads(index_file.read_text()) if index_file.exists() else {**info, "seeds": []}
+    if index.get("model_hash") != info["model_hash"] or index.get("sampler") != info["sampler"]:
+        raise ValueError(f"{out} holds samples of another model or sampler; choose another --out")
+    todo = [int(s) for s in seeds if not (out / f"{int(s)}.png").exists()]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc="generate", disable=not progress or not batches, unit="batch"):
+        for seed, image in zip(batch, to_pil(sample(unet, scheduler, batch, sampler))):
+            with atomic_path(out / f"{seed}.png") as tmp:
+                image.save(tmp, format="PNG")
+    index["seeds"] = sorted(set(index["seeds"]) | {int(s) for s in seeds})
+    write_json_atomic(index_file, index)
+    return out
+
+
+def image_grid(images: Sequence[Image.Image], columns: int = 8, scale: int = 1) -> Image.Image:
+    """Tile equal-size images into one picture (upscaled with nearest neighbour, no blur)."""
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+
+

@@ -1,0 +1,239 @@
+"""Training of an unconditional DDPM (diffusers UNet2DModel + DDPMScheduler) on an image folder.
+
+Deterministic given its seed: the batch indices, timesteps and noise of step s are drawn from
+generators seeded by (seed, s), so a run that resumes from a checkpoint continues exactly as if
+it had never stopped, and LDS / counterfactual retrains are reproducible.
+
+Optimiser: AdamW (betas 0.95, 0.999, as the D-TRAK recipe), linear warm-up then cosine decay,
+an EMA of the weights (the EMA weights are what the pipeline folder holds and what samples use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import UNet2DModel
+from tqdm.auto import tqdm
+
+from dtrak_core.datasets import ImageFolderDataset, load_image_folder
+from dtrak_core.diffusion import add_noise, generator
+from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_scheduler, save_pipeline
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in ``recipe.json``).
+
+    ``subset`` holds indices into the dataset as selected by ``split`` and ``filter_column`` /
+    ``filter_values``; None keeps all of it.
+    """
+
+    data_dir: str
+    out_dir: str
+    preset: str = "demo"
+    image_size: int = 32
+    split: str | None = "train"
+    filter_column: str | None = None
+    filter_values: list[str] = field(default_factory=list)
+    subset: list[int] | None = None
+    steps: int = 10_000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500
+    weight_decay: float = 1e-6
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: bool = False
+
+    def validate(self) -> None:
+        if self.preset not in UNET_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; expected one of {sorted(UNET_PRESETS)}")
+        for name in ("steps", "batch_size", "image_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def load_training_data(config: TrainConfig) -> ImageFolderDataset:
+    """The training images the config selects (split, filter, then subset)."""
+    dataset = load_image_folder(config.data_dir, image_size=config.image_size, resize=True,
+                                split=config.split)
+    if config.filter_column:
+        dataset = dataset.subset(dataset.where(config.filter_column, config.filter_values))
+    if config.subset is not None:
+        dataset = dataset.subset(config.subset)
+    if len(dataset) == 0:
+        raise ValueError(f"the training selection of {config.data_dir} is empty")
+    return dataset
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``learning_rate`` over ``warmup_steps``, then cosine decay to 0."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of step ``step``: epochs are seeded permutations, cut into equal batches."""
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    epoch, position = divmod(step, per_epoch)
+    permutation = torch.randperm(n, generator=generator(seed, "epoch", epoch))
+    return permutation[position * batch_size:(position + 1) * batch_size]
+
+
+@torch.no_grad()
+def update_ema(ema: UNet2DModel, model: UNet2DModel, decay: float, step: int) -> None:
+    # The usual warm-up of the decay: early EMA weights would otherwise be mostly the init.
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - d)
+
+
+def _recipe(config: TrainConfig, data: ImageFolderDataset, model: UNet2DModel, step: int,
+            wall_seconds: float, losses: list[float]) -> dict:
+    return {
+        "config": asdict(config),
+        "data_hash": data.content_hash,
+        "num_train_images": len(data),
+        "train_files": data.metadata["file_name"].tolist(),
+        "parameters": count_parameters(model),
+        "steps_done": step,
+        "wall_seconds": round(wall_seconds, 1),
+        "final_loss_ema": losses[-1] if losses else None,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": "cpu"},
+    }
+
+
+def _save_state(out_dir: Path, model, ema, optimizer, step, wall_seconds, losses) -> None:
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": torch.tensor(step), "wall_seconds": torch.tensor(wall_seconds),
+             "losses": torch.tensor(losses)}
+    with atomic_path(out_dir / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def train(config: TrainConfig, progress: bool = True) -> Path:
+    """Train (or resume) and write the pipeline folder ``config.out_dir``; returns it.
+
+    The folder holds the EMA weights, ``recipe.json`` and ``train_state.pt`` (for resuming);
+    with ``keep_checkpoints`` also ``checkpoints/step-N/`` (raw weights, for TracIn).
+    """
+    config.validate()
+    out_dir = Path(config.out_dir)
+    data = load_training_data(config)
+    x_all = data.to_tensor()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_file = out_dir / "train_config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
+        saved = json.loads(config_file.read_text())
+        changed = sorted(k for k in saved if saved.get(k) != asdict(config).get(k))
+        if changed != ["steps"]:
+            raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+                             "use another --out or delete it")
+    write_json_atomic(config_file, asdict(config))
+
+    scheduler = make_scheduler()
+    model = UNET_PRESETS[config.preset].build(config.image_size, seed=config.seed).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.95, 0.999),
+                                  weight_decay=config.weight_decay)
+    step, wall_seconds, losses = 0, 0.0, []
+    if (out_dir / STATE_FILE).exists():
+        state = torch.load(out_dir / STATE_FILE, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, wall_seconds = int(state["step"]), float(state["wall_seconds"])
+        losses = state["losses"].tolist()
+
+    n, T = len(data), scheduler.config.num_train_timesteps
+    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, unit="step")
+    started, loss_ema = time.time() - wall_seconds, (losses[-1] if losses else None)
+    while step < config.steps:
+        rows = batch_indices(step, n, config.batch_size, config.seed)
+        g = generator(config.seed, "step", step)
+        timesteps = torch.randint(0, T, (len(rows),), generator=g)
+        noise = torch.randn(x_all[rows].shape, generator=g)
+        x_t = add_noise(scheduler, x_all[rows], noise, timesteps)
+        loss = (model(x_t, timesteps).sample - noise).pow(2).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        update_ema(ema, model, config.ema_decay, step)
+        step += 1
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        losses.append(loss_ema)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            wall_seconds = time.time() - started
+            if config.keep_checkpoints:
+                model.save_pretrained(out_dir / "checkpoints" / f"step-{step:07d}", safe_serialization=True)
+            _save_state(out_dir, model, ema, optimizer, step, wall_seconds, losses)
+            _write_pipeline(out_dir, ema, scheduler, _recipe(config, data, model, step, wall_seconds, losses))
+    bar.close()
+    return out_dir
+
+
+def _write_pipeline(out_dir: Path, ema: UNet2DModel, scheduler, recipe: dict) -> None:
+    """Write the EMA pipeline beside ``out_dir`` and swap it in, so readers never see half of it."""
+    staging = out_dir / ".pipeline.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pipeline(ema, scheduler, staging)
+    for part in ("unet", "scheduler"):
+        shutil.rmtree(out_dir / part, ignore_errors=True)
+        (staging / part).rename(out_dir / part)
+    (staging / "model_index.json").replace(out_dir / "model_index.json")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(out_dir / RECIPE_FILE, recipe)
+
+
+@contextlib.contextmanager
+def untrained_copy(model_dir: str | Path) -> Iterator[Path]:
+    """A temporary pipeline folder with the same UNet config, freshly initialised (seed 0)."""
+    from dtrak_core.models import load_pipeline
+
+    unet, scheduler = load_pipeline(model_dir)
+    torch.manual_seed(0)
+    fresh = UNet2DModel.from_config(unet.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pipeline(fresh, scheduler, tmp)
+        yield Path(tmp)
+
+
+def held_out_loss(model_dir: str | Path, data: ImageFolderDataset, seed: int = 0,
+                  num_timesteps: int = 100) -> float:
+    """Mean diffusion loss of a model on ``data`` over ``num_timesteps`` uniform t, fixed noise."""
+    from dtrak_core.diffusion import diffusion_loss
+    from dtrak_core.models import load_pipeline
+
+    unet, scheduler = load_pipeline(model_dir)
+    T = scheduler.config.num_train_timesteps
+    timesteps = list(range(0, T, T // num_timesteps))
+    ids = list(range(len(data)))
+    return float(diffusion_loss(unet, scheduler, data.to_tensor(), ids, timesteps, seed).mean())
+
+
