@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8501
 DATA := cache/emoji3/metadata.csv
+DATA16 := cache/emoji3-16/metadata.csv
 
 .PHONY: install data run test demo-model mini-model clean
 
@@ -22,7 +23,11 @@ install: $(STAMP)
 $(DATA): | $(STAMP)
 	$(PY) -m dtrak_core build-data
 
-data: $(DATA)
+# The same subjects rendered at 16 px, for the small evaluation model.
+$(DATA16): | $(STAMP)
+	$(PY) -m dtrak_core build-data --size 16 --out cache/emoji3-16
+
+data: $(DATA) $(DATA16)
 
 run: install data
 	$(VENV)/bin/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true
@@ -38,7 +43,7 @@ demo-model: install data
 	$(PY) -m dtrak_core generate --model models/emoji3-demo --seeds 0-63 --out cache/demo-samples
 
 mini-model: install data
-	$(PY) -m dtrak_core train --out models/emoji3-mini --preset mini --image-size 16 \
+	$(PY) -m dtrak_core train --data cache/emoji3-16 --out models/emoji3-mini --preset mini --image-size 16 \
 	  --filter-column category --filter-values "Smileys & Emotion" --steps 600 --warmup-steps 60 \
 	  --lr 1e-3 --batch-size 32 --checkpoint-every 100
 

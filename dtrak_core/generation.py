@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
-from tqdm.auto import tqdm
+from dtrak_core.progress import progress_bar
 
 from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.models import load_pipeline, model_hash
@@ -61,7 +61,7 @@ def sample(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int],
     else:
         steps_scheduler = DDPMScheduler.from_config(scheduler.config)
         steps_scheduler.set_timesteps(scheduler.config.num_train_timesteps)
-    for t in tqdm(steps_scheduler.timesteps, desc="sample", disable=not progress, leave=False):
+    for t in progress_bar(steps_scheduler.timesteps, desc="sample", disable=not progress, leave=False):
         eps = unet(x, t.to(device)).sample
         if sampler.kind == "ddim":
             x = steps_scheduler.step(eps, t, x, eta=sampler.eta, generator=generators).prev_sample
@@ -98,7 +98,7 @@ def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: Sam
         raise ValueError(f"{out} holds samples of another model or sampler; choose another --out")
     todo = [int(s) for s in seeds if not (out / f"{int(s)}.png").exists()]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc="generate", disable=not progress or not batches, unit="batch"):
+    for batch in progress_bar(batches, desc="generate", disable=not progress or not batches, unit="batch"):
         for seed, image in zip(batch, to_pil(sample(unet, scheduler, batch, sampler))):
             with atomic_path(out / f"{seed}.png") as tmp:
                 image.save(tmp, format="PNG")

@@ -13,3 +13,5 @@ MODELS_DIR = REPO_ROOT / "models"
 DEMO_MODEL_DIR = MODELS_DIR / "emoji3-demo"
 MINI_MODEL_DIR = MODELS_DIR / "emoji3-mini"
 EMOJI3_DIR = CACHE_DIR / "emoji3"
+#: emoji3 rendered at 16 px, the data of the mini model.
+EMOJI3_16_DIR = CACHE_DIR / "emoji3-16"

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 from diffusers import UNet2DModel
-from tqdm.auto import tqdm
+from dtrak_core.progress import progress_bar
 
 from dtrak_core.datasets import ImageFolderDataset, load_image_folder
 from dtrak_core.diffusion import add_noise, generator
@@ -168,7 +168,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         losses = state["losses"].tolist()
 
     n, T = len(data), scheduler.config.num_train_timesteps
-    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, unit="step")
+    bar = progress_bar(total=config.steps, initial=step, desc="train", disable=not progress, unit="step")
     started, loss_ema = time.time() - wall_seconds, (losses[-1] if losses else None)
     while step < config.steps:
         rows = batch_indices(step, n, config.batch_size, config.seed)

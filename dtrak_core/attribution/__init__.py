@@ -1,0 +1,19 @@
+"""Attribution core: features (per-sample gradients, projected) -> scores -> tables.
+
+One small module per stage: ``output_functions`` (what f to differentiate), ``timesteps``
+(which t, which noise), ``gradients`` (per-sample grads with torch.func), ``projectors``
+(random projections), ``featurizer`` (phi), ``feature_store`` (cached, resumable features),
+``scorers`` (TRAK/D-TRAK kernel and relatives), ``results`` (tidy tables), ``pipeline``
+(folder-level entry points) and ``cli`` (featurize / score / bench subcommands).
+"""
+
+from dtrak_core.attribution.feature_store import (FeatureSet, StaleFeaturesError, compute_features,
+                                                  load_features, model_weights_hash)
+from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
+from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, NoiseSchedule
+from dtrak_core.attribution.projectors import DenseProjector, SparseProjector, make_projector
+from dtrak_core.attribution.scorers import KernelScorer
+
+__all__ = ["FeatureSet", "FeatureSettings", "Featurizer", "KernelScorer", "NoiseSchedule",
+           "OUTPUT_FUNCTIONS", "DenseProjector", "SparseProjector", "StaleFeaturesError",
+           "compute_features", "load_features", "make_projector", "model_weights_hash"]

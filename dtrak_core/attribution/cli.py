@@ -1,0 +1,255 @@
+"""Command-line subcommands ``featurize``, ``score`` and ``bench``.
+
+``add_subcommands(subparsers)`` registers them on an ``argparse`` sub-parser group; each sets
+``func`` to a function taking the parsed namespace and returning an exit code. Every check
+that needs no gradients runs before the long work, and bad input ends with one sentence on
+stderr (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from dtrak_core.attribution.featurizer import DEVICES, DTYPES, FeatureSettings
+from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
+from dtrak_core.attribution.projectors import PROJECTOR_KINDS
+
+#: Targets draw their noise with ids offset by this, so a training image used as a target
+#: gets fresh noise, not the noise of the training row with the same index.
+TARGET_ID_OFFSET = 1 << 40
+SCORERS = ("dtrak", "relative", "renormalized", "dot", "cosine", "tracin", "pixel-dot",
+           "pixel-cosine", "random")
+DEFAULT_LAMBDA = 100.0
+
+
+class CliError(Exception):
+    """Bad command-line input; the message is the one sentence to print."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _add_feature_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("features")
+    group.add_argument("--output-fn", default=DEFAULT_OUTPUT_FUNCTION, choices=sorted(OUTPUT_FUNCTIONS),
+                       help="output function f (square = D-TRAK, loss = TRAK; default %(default)s)")
+    group.add_argument("-K", "--num-timesteps", type=int, default=10,
+                       help="K uniform timesteps of T (default %(default)s; 100 is markedly better)")
+    group.add_argument("--timesteps", type=_int_list, default=None,
+                       help="explicit comma-separated timesteps instead of K uniform ones")
+    group.add_argument("--projector", default="sjlt", choices=PROJECTOR_KINDS,
+                       help="random projection (default %(default)s: sparse JL, fast)")
+    group.add_argument("-k", "--projection-dim", type=int, default=2048, help="k (default %(default)s)")
+    group.add_argument("--sparsity", type=int, default=4, help="buckets per coordinate for sjlt")
+    group.add_argument("--seed", type=int, default=0, help="seed of noise and projection")
+    group.add_argument("--params", default="all",
+                       help="parameters to differentiate: all, lora, re:<regex> or a name substring")
+    group.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--timestep-chunk", type=int, default=10,
+                       help="timesteps per sample evaluated together (memory ~ batch * chunk)")
+    group.add_argument("--device", default="auto", choices=DEVICES)
+    group.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    group.add_argument("--cache-dir", type=Path, default=None,
+                       help="feature store root (default CACHE_DIR/features)")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def settings_from_args(args: argparse.Namespace) -> FeatureSettings:
+    try:
+        return FeatureSettings(
+            output_fn=args.output_fn, num_timesteps=args.num_timesteps,
+            timesteps=tuple(args.timesteps) if args.timesteps else None, projector=args.projector,
+            projection_dim=args.projection_dim, sparsity=args.sparsity, seed=args.seed,
+            params=args.params, batch_size=args.batch_size, timestep_chunk=args.timestep_chunk,
+            device=args.device, dtype=args.dtype)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``featurize``, ``score`` and ``bench``."""
+    p = subparsers.add_parser("featurize", help="compute (or reuse cached) D-TRAK features of an image folder",
+                              description="Compute D-TRAK/TRAK features of every image of a folder; "
+                              "cached by model weights, data and settings, resumable.")
+    p.add_argument("--model", required=True, type=Path, help="DDPMPipeline folder")
+    p.add_argument("--data", required=True, type=Path, help="image folder (metadata.csv optional)")
+    p.add_argument("--split", default=None, help="keep only rows with this 'split' value")
+    _add_feature_options(p)
+    p.set_defaults(func=cmd_featurize)
+
+    s = subparsers.add_parser("score", help="attribute target images to training images",
+                              description="Score every training image for every target image and "
+                              "write a tidy table (parquet and CSV).")
+    s.add_argument("--model", required=True, type=Path, nargs="+",
+                   help="DDPMPipeline folder(s); several = ensemble (dtrak...) or checkpoints (tracin)")
+    s.add_argument("--train", required=True, type=Path, help="training image folder")
+    s.add_argument("--train-split", default=None)
+    s.add_argument("--targets", required=True, type=Path, help="folder of target images")
+    s.add_argument("--target-split", default=None)
+    s.add_argument("--label-column", default="artist", help="metadata column with the artist/label")
+    s.add_argument("--scorer", default="dtrak", choices=SCORERS)
+    s.add_argument("--lambda", dest="lambdas", type=float, nargs="+", default=[DEFAULT_LAMBDA],
+                   help="ridge lambda(s) for dtrak/relative/renormalized (default %(default)s)")
+    s.add_argument("--top", type=int, default=None, help="keep only the top N rows per target")
+    s.add_argument("--out", required=True, type=Path,
+                   help="output path without suffix; writes OUT.parquet and OUT.csv")
+    _add_feature_options(s)
+    s.set_defaults(func=cmd_score)
+
+    b = subparsers.add_parser("bench", help="time featurization against a plain training step",
+                              description="Benchmark per-sample featurization (K timesteps) against a "
+                              "batched training step, per projector; writes docs/benchmarks/.")
+    b.add_argument("--model", required=True, type=Path)
+    b.add_argument("--data", required=True, type=Path)
+    b.add_argument("--num-samples", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("-K", "--num-timesteps", type=int, default=10)
+    b.add_argument("-k", "--projection-dim", type=int, default=2048)
+    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTOR_KINDS)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="auto", choices=DEVICES)
+    b.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks")
+    b.add_argument("--name", default=None, help="file stem of the report")
+    b.set_defaults(func=cmd_bench)
+
+
+def _run(fn, args: argparse.Namespace) -> int:
+    from dtrak_core.attribution.feature_store import StaleFeaturesError
+    from dtrak_core.datasets.imagefolder import DatasetError
+    from dtrak_core.models import ModelError
+
+    try:
+        return fn(args)
+    except (CliError, ModelError, DatasetError, StaleFeaturesError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_featurize(args: argparse.Namespace) -> int:
+    return _run(_featurize, args)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    return _run(_score, args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _run(_bench, args)
+
+
+def _featurize(args: argparse.Namespace) -> int:
+    from dtrak_core.attribution import pipeline
+
+    settings = settings_from_args(args)
+    model = pipeline.load_model(args.model)
+    dataset = pipeline.load_dataset_for(model, args.data, args.split)
+    features = pipeline.featurize(model, dataset, settings, args.cache_dir, not args.no_progress)
+    print(f"{features.shape[0]} x {features.shape[1]} features in {features.path}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from dtrak_core.attribution import pipeline, scorers
+    from dtrak_core.attribution.feature_store import compute_features
+    from dtrak_core.attribution.featurizer import Featurizer
+    from dtrak_core.attribution.results import scores_to_long_table
+    from dtrak_core.io import atomic_path
+
+    # Cheap checks first: lambdas, top, settings, every model folder, both datasets, k <= p.
+    for lam in args.lambdas:
+        scorers.check_lambda(lam)
+    if args.top is not None and args.top < 1:
+        raise CliError(f"--top {args.top} must be at least 1")
+    settings = settings_from_args(args)
+    models = [pipeline.load_model(m) for m in args.model]
+    train = pipeline.load_dataset_for(models[0], args.train, args.train_split, args.label_column)
+    targets = pipeline.load_dataset_for(models[0], args.targets, args.target_split, None)
+    for model in models[1:]:
+        pipeline.check_dataset_fits(train, model)
+    target_names = targets.metadata["file_name"].astype(str).tolist()
+    progress = not args.no_progress
+    lambdas = args.lambdas if args.scorer in ("dtrak", "relative", "renormalized") else [float("nan")]
+
+    if args.scorer in ("pixel-dot", "pixel-cosine", "random"):
+        if args.scorer == "random":
+            matrices = {lambdas[0]: scorers.random_scores(len(targets), len(train), args.seed)}
+        else:
+            metric = args.scorer.split("-")[1]
+            matrices = {lambdas[0]: scorers.pixel_scores(targets.images, train.images, metric)}
+    else:
+        featurizers = [Featurizer.create(m.unet, m.scheduler, settings) for m in models]
+        per_model = []
+        for model, featurizer in zip(models, featurizers):
+            phi = pipeline.featurize(model, train, settings, args.cache_dir, progress, featurizer, "train")
+            g = compute_features(featurizer, targets.to_tensor(), targets.content_hash,
+                                 [TARGET_ID_OFFSET + i for i in range(len(targets))], args.cache_dir,
+                                 model.weights_hash, model.scheduler_hash, progress, description="targets")
+            per_model.append((g.features, phi.features))
+        matrices = {}
+        if args.scorer == "tracin":
+            matrices[lambdas[0]] = scorers.tracin_scores(per_model)
+        elif args.scorer in ("dot", "cosine"):
+            fn = scorers.dot_scores if args.scorer == "dot" else scorers.cosine_scores
+            matrices[lambdas[0]] = scorers.ensemble_scores([fn(g, phi) for g, phi in per_model])
+        else:
+            kernels = [scorers.KernelScorer(phi) for _, phi in per_model]
+            for lam in lambdas:
+                mats = []
+                for kernel, (g, phi) in zip(kernels, per_model):
+                    if args.scorer == "relative":
+                        mats.append(scorers.relative_influence(kernel, g, lam))
+                    elif args.scorer == "renormalized":
+                        mats.append(scorers.renormalized_influence(kernel.scores(g, lam), phi))
+                    else:
+                        mats.append(kernel.scores(g, lam))
+                matrices[lam] = scorers.ensemble_scores(mats)
+
+    frames = []
+    for lam, matrix in matrices.items():
+        table = scores_to_long_table(matrix, train.metadata, train.label_column, target_names)
+        if args.top is not None:
+            table = table[table["rank"] <= args.top]
+        table.insert(2, "lambda", lam)
+        frames.append(table)
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(3, "scorer", args.scorer)
+    out = Path(args.out)
+    with atomic_path(out.with_suffix(".parquet")) as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(out.with_suffix(".csv")) as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"{len(table)} rows written to {out.with_suffix('.parquet')} and {out.with_suffix('.csv')}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dtrak_core.bench import bench_featurize
+
+    report = bench_featurize(args.model, args.data, num_samples=args.num_samples,
+                             batch_size=args.batch_size, num_timesteps=args.num_timesteps,
+                             projection_dim=args.projection_dim, projectors=tuple(args.projectors),
+                             repeats=args.repeats, device=args.device, out_dir=args.out_dir,
+                             name=args.name, command=" ".join(sys.argv))
+    print(f"benchmark written to {report['paths']['markdown']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m dtrak_core.attribution.cli``) until the main CLI wires us in."""
+    parser = argparse.ArgumentParser(prog="dtrak-attribution")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core.attribution.projectors import (BLOCK_ROWS, DenseProjector, IdentityProjector,
+                                               SparseProjector, make_projector)
+
+P, K = 3000, 512
+KINDS = ["sjlt", "rademacher", "gaussian"]
+
+
+def random_vectors(n: int, p: int = P, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, p, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jl_preserves_norms_and_inner_products(kind):
+    x = random_vectors(30)
+    y = make_projector(kind, P, K, seed=0).project(x).double()
+    x = x.double()
+    # JL: |Px|^2 / |x|^2 has standard deviation about sqrt(2/k) = 0.0625; allow 5 of them.
+    eps = 5 * math.sqrt(2 / K)
+    ratio = (y.norm(dim=1) ** 2) / (x.norm(dim=1) ** 2)
+    assert (ratio - 1).abs().max() < eps
+    assert abs(ratio.mean().item() - 1) < 3 * math.sqrt(2 / K / len(ratio)) + 0.01
+    # Inner products: |<Px,Py> - <x,y>| <= eps |x||y| for every pair.
+    gram_x, gram_y = x @ x.T, y @ y.T
+    scale = torch.outer(x.norm(dim=1), x.norm(dim=1))
+    assert ((gram_y - gram_x).abs() / scale).max() < eps
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_is_deterministic_and_seeded(kind):
+    x = random_vectors(4)
+    a = make_projector(kind, P, K, seed=3).project(x)
+    b = make_projector(kind, P, K, seed=3).project(x)
+    c = make_projector(kind, P, K, seed=4).project(x)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_equals_its_matrix(kind):
+    projector = make_projector(kind, P, K, seed=1)
+    x = random_vectors(3)
+    matrix = projector.matrix()
+    assert matrix.shape == (P, K)
+    torch.testing.assert_close(projector.project(x), x @ matrix, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_entries_and_block_generation_without_cache():
+    cached = DenseProjector(P, K, seed=2, kind="rademacher")
+    matrix = cached.matrix()
+    torch.testing.assert_close(matrix.abs(), torch.full_like(matrix, 1 / math.sqrt(K)))
+    assert 0.45 < (matrix > 0).float().mean().item() < 0.55
+    assert P > BLOCK_ROWS  # several blocks
+    uncached = DenseProjector(P, K, seed=2, kind="rademacher", cache_bytes=0)
+    x = random_vectors(2)
+    torch.testing.assert_close(uncached.project(x), cached.project(x), rtol=1e-5, atol=1e-5)
+    assert not uncached._cache
+
+
+def test_sparse_structure():
+    s = 4
+    matrix = SparseProjector(P, K, seed=0, sparsity=s).matrix()
+    nonzero = matrix != 0
+    assert torch.equal(nonzero.sum(dim=1), torch.full((P,), s))
+    assert torch.allclose(matrix[nonzero].abs(), torch.tensor(1 / math.sqrt(s)))
+    # One bucket in each of the s column groups.
+    for j in range(s):
+        group = nonzero[:, j * K // s:(j + 1) * K // s]
+        assert torch.equal(group.sum(dim=1), torch.ones(P, dtype=torch.long))
+    # Buckets are used roughly uniformly.
+    assert nonzero.sum(dim=0).float().std() < 3 * math.sqrt(P * s / K)
+
+
+def test_dict_input_follows_parameter_order():
+    names = ["a", "b"]
+    grads = {"b": torch.randn(2, 10, 5), "a": torch.randn(2, 1000)}
+    projector = make_projector("sjlt", 1050, 64, seed=0, param_names=names)
+    flat = torch.cat([grads["a"], grads["b"].reshape(2, -1)], dim=1)
+    torch.testing.assert_close(projector.project(grads), projector.project(flat))
+    with pytest.raises(ValueError, match="lacks parameter 'a'"):
+        projector.project({"b": grads["b"]})
+
+
+def test_identity_and_errors():
+    x = random_vectors(2, 50)
+    assert torch.equal(IdentityProjector(50).project(x), x)
+    with pytest.raises(ValueError, match="k=100 must be between 1 and .* p=50"):
+        make_projector("rademacher", 50, 100)
+    with pytest.raises(ValueError, match="unknown projector 'fjlt'"):
+        make_projector("fjlt", 50, 10)
+    with pytest.raises(ValueError, match=r"do not fit a projector with p=50"):
+        make_projector("sjlt", 50, 10).project(random_vectors(2, 49))
+
+
+def test_numpy_independent_of_batch_composition():
+    projector = make_projector("sjlt", P, K, seed=0)
+    x = random_vectors(5)
+    together = projector.project(x)
+    alone = torch.cat([projector.project(x[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(together.numpy(), alone.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_golden_values_pin_the_random_streams():
+    """Features must agree across runs and machines: pin the first draws of each stream.
+
+    If this fails after a torch upgrade, cached features computed before it are not comparable.
+    """
+    buckets, weights = SparseProjector(1000, 64, seed=0, sparsity=2).block(0)
+    assert buckets[:4].tolist() == [[28, 35], [7, 52], [29, 41], [15, 35]]
+    assert weights[:4].sign().tolist() == [[1, 1], [1, -1], [1, -1], [1, -1]]
+    dense = DenseProjector(1000, 64, seed=0).block(0)
+    assert (dense[0, :12] * 8).round().tolist() == [1, 1, 1, 1, 1, -1, 1, -1, 1, 1, -1, -1]
+    from dtrak_core.attribution.timesteps import sample_noise
+
+    noise = sample_noise(0, 1, [0], (4,))[0].tolist()
+    assert noise == pytest.approx([1.582718014717102, 0.05418861657381058, -0.8604421019554138,
+                                   0.9330021142959595], rel=1e-6)
