@@ -131,15 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-values", nargs="*")
     p.add_argument("--timesteps", type=int, default=100)
     p.set_defaults(func=cmd_heldout_loss)
+
+    from dtrak_core.attribution.cli import add_subcommands
+
+    add_subcommands(sub)  # featurize, score, bench
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError) as error:
         # Our errors are written to be read: one sentence, no stack trace.
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
 
 RECIPE_FILE = "recipe.json"
+
+# Loading a two-part pipeline takes milliseconds; diffusers' bar would only clutter our output.
+diffusers_logging.disable_progress_bar()
 
 
 class ModelError(ValueError):
@@ -85,7 +89,9 @@ def load_pipeline(model_dir: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
         raise ModelError(f"{model_dir} holds a {class_name}; only DDPMPipeline (unconditional "
                          "UNet2DModel + DDPMScheduler) is supported for now")
     try:
-        pipeline = DDPMPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True)
+        # low_cpu_mem_usage=False: the models are small, and it avoids a warning about accelerate.
+        pipeline = DDPMPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as error:
         raise ModelError(f"could not load the pipeline in {model_dir}: {error}") from None
     unet = pipeline.unet.eval()
