@@ -39,7 +39,7 @@ test: install data
 demo-model: install data
 	$(PY) -m dtrak_core train --out models/emoji3-demo --preset demo --filter-column category \
 	  --filter-values "Smileys & Emotion" --steps 5000 --warmup-steps 300 --lr 6e-4 --batch-size 32 \
-	  --checkpoint-every 250
+	  --checkpoint-every 1250 --keep-checkpoints
 	$(PY) -m dtrak_core generate --model models/emoji3-demo --seeds 0-63 --out cache/demo-samples
 
 mini-model: install data

@@ -32,6 +32,8 @@ from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_scheduler, save_pipeline
 
 STATE_FILE = "train_state.pt"
+# Settings a resumed run may change: none of them changes the weights of a given step.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
 
 
 @dataclass
@@ -137,7 +139,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     """Train (or resume) and write the pipeline folder ``config.out_dir``; returns it.
 
     The folder holds the EMA weights, ``recipe.json`` and ``train_state.pt`` (for resuming);
-    with ``keep_checkpoints`` also ``checkpoints/step-N/`` (raw weights, for TracIn).
+    with ``keep_checkpoints`` also ``checkpoints/step-N/`` (raw weights in float16, for TracIn).
+    ``steps``, ``checkpoint_every`` and ``keep_checkpoints`` may change when resuming.
     """
     config.validate()
     out_dir = Path(config.out_dir)
@@ -147,9 +150,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     config_file = out_dir / "train_config.json"
     if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
         saved = json.loads(config_file.read_text())
-        changed = sorted(k for k in saved if saved.get(k) != asdict(config).get(k))
-        if changed != ["steps"]:
-            raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+        changed = set(k for k in saved if saved.get(k) != asdict(config).get(k))
+        if changed - RESUMABLE_CHANGES:
+            raise ValueError(f"{out_dir} holds a run with other settings "
+                             f"({', '.join(sorted(changed - RESUMABLE_CHANGES))}); "
                              "use another --out or delete it")
     write_json_atomic(config_file, asdict(config))
 
@@ -191,11 +195,18 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         if step % config.checkpoint_every == 0 or step == config.steps:
             wall_seconds = time.time() - started
             if config.keep_checkpoints:
-                model.save_pretrained(out_dir / "checkpoints" / f"step-{step:07d}", safe_serialization=True)
+                _keep_checkpoint(model, out_dir / "checkpoints" / f"step-{step:07d}")
             _save_state(out_dir, model, ema, optimizer, step, wall_seconds, losses)
             _write_pipeline(out_dir, ema, scheduler, _recipe(config, data, model, step, wall_seconds, losses))
     bar.close()
     return out_dir
+
+
+def _keep_checkpoint(model: UNet2DModel, folder: Path) -> None:
+    """Save the raw (not EMA) weights in float16: TracIn needs their gradients, not exact bits,
+    and half the size keeps the committed checkpoints of the demo model small."""
+    half = copy.deepcopy(model).to(torch.float16)
+    half.save_pretrained(folder, safe_serialization=True)
 
 
 def _write_pipeline(out_dir: Path, ema: UNet2DModel, scheduler, recipe: dict) -> None:

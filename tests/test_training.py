@@ -101,3 +101,16 @@ def test_learning_rate_warms_up_then_decays():
     rates = [learning_rate_at(s, config) for s in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 0.01
+
+
+def test_resume_may_change_checkpointing_and_keeps_fp16_checkpoints(image_folder, tmp_path):
+    straight = _weights(train(_config(image_folder, tmp_path / "straight"), progress=False))
+    train(_config(image_folder, tmp_path / "r", steps=3), progress=False)
+    out = train(_config(image_folder, tmp_path / "r", checkpoint_every=2, keep_checkpoints=True),
+                progress=False)
+    resumed = _weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-0000004", "step-0000006"]
+    weights = load_file(str(out / "checkpoints" / "step-0000006" / "diffusion_pytorch_model.safetensors"))
+    assert all(w.dtype == torch.float16 for w in weights.values())
