@@ -54,6 +54,7 @@ class _JobTqdm(tqdm):
 def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
     """``tqdm(...)``, reporting to the job's status file when run as a background job."""
     job_dir = os.environ.get(JOB_DIR_VARIABLE)
-    if job_dir:
+    # A disabled bar has nothing to report (and tqdm skips setting up its counters).
+    if job_dir and not kwargs.get("disable"):
         return _JobTqdm(*args, job_dir=Path(job_dir), **kwargs)
     return tqdm(*args, **kwargs)

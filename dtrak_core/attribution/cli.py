@@ -16,15 +16,11 @@ from typing import Sequence
 import pandas as pd
 
 from dtrak_core.attribution.featurizer import DEVICES, DTYPES, FeatureSettings
+from dtrak_core.attribution.methods import DEFAULT_LAMBDA, METHODS, TARGET_ID_OFFSET  # noqa: F401
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
 from dtrak_core.attribution.projectors import PROJECTOR_KINDS
 
-#: Targets draw their noise with ids offset by this, so a training image used as a target
-#: gets fresh noise, not the noise of the training row with the same index.
-TARGET_ID_OFFSET = 1 << 40
-SCORERS = ("dtrak", "relative", "renormalized", "dot", "cosine", "tracin", "pixel-dot",
-           "pixel-cosine", "random")
-DEFAULT_LAMBDA = 100.0
+SCORERS = tuple(METHODS) + ("pixel-cosine",)  # "pixel-cosine": the old name of "pixel"
 
 
 class CliError(Exception):
@@ -38,10 +34,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def _add_feature_options(parser: argparse.ArgumentParser) -> None:
+def _add_feature_options(parser: argparse.ArgumentParser, output_fn: str | None = DEFAULT_OUTPUT_FUNCTION) -> None:
     group = parser.add_argument_group("features")
-    group.add_argument("--output-fn", default=DEFAULT_OUTPUT_FUNCTION, choices=sorted(OUTPUT_FUNCTIONS),
-                       help="output function f (square = D-TRAK, loss = TRAK; default %(default)s)")
+    group.add_argument("--output-fn", default=output_fn, choices=sorted(OUTPUT_FUNCTIONS),
+                       help="output function f (square = D-TRAK, loss = TRAK; default: "
+                       f"{output_fn or 'the scorer method' + chr(39) + 's own'})")
     group.add_argument("-K", "--num-timesteps", type=int, default=10,
                        help="K uniform timesteps of T (default %(default)s; 100 is markedly better)")
     group.add_argument("--timesteps", type=_int_list, default=None,
@@ -66,7 +63,7 @@ def _add_feature_options(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> FeatureSettings:
     try:
         return FeatureSettings(
-            output_fn=args.output_fn, num_timesteps=args.num_timesteps,
+            output_fn=args.output_fn or DEFAULT_OUTPUT_FUNCTION, num_timesteps=args.num_timesteps,
             timesteps=tuple(args.timesteps) if args.timesteps else None, projector=args.projector,
             projection_dim=args.projection_dim, sparsity=args.sparsity, seed=args.seed,
             params=args.params, batch_size=args.batch_size, timestep_chunk=args.timestep_chunk,
@@ -81,8 +78,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               description="Compute D-TRAK/TRAK features of every image of a folder; "
                               "cached by model weights, data and settings, resumable.")
     p.add_argument("--model", required=True, type=Path, help="DDPMPipeline folder")
-    p.add_argument("--data", required=True, type=Path, help="image folder (metadata.csv optional)")
+    p.add_argument("--data", default=None, type=Path,
+                   help="image folder (metadata.csv optional); with --training-set, overrides the recipe's")
     p.add_argument("--split", default=None, help="keep only rows with this 'split' value")
+    p.add_argument("--training-set", action="store_true",
+                   help="featurize exactly the model's training images (selected as its recipe.json says)")
     _add_feature_options(p)
     p.set_defaults(func=cmd_featurize)
 
@@ -91,18 +91,22 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               "write a tidy table (parquet and CSV).")
     s.add_argument("--model", required=True, type=Path, nargs="+",
                    help="DDPMPipeline folder(s); several = ensemble (dtrak...) or checkpoints (tracin)")
-    s.add_argument("--train", required=True, type=Path, help="training image folder")
+    s.add_argument("--train", default=None, type=Path,
+                   help="training image folder (with --training-set: overrides the recipe's data folder)")
+    s.add_argument("--training-set", action="store_true",
+                   help="score against exactly the model's training images (as its recipe.json selects them)")
     s.add_argument("--train-split", default=None)
     s.add_argument("--targets", required=True, type=Path, help="folder of target images")
     s.add_argument("--target-split", default=None)
     s.add_argument("--label-column", default="artist", help="metadata column with the artist/label")
-    s.add_argument("--scorer", default="dtrak", choices=SCORERS)
+    s.add_argument("--scorer", default="dtrak", choices=SCORERS,
+                   help="attribution method (see dtrak_core.attribution.methods; default %(default)s)")
     s.add_argument("--lambda", dest="lambdas", type=float, nargs="+", default=[DEFAULT_LAMBDA],
                    help="ridge lambda(s) for dtrak/relative/renormalized (default %(default)s)")
     s.add_argument("--top", type=int, default=None, help="keep only the top N rows per target")
     s.add_argument("--out", required=True, type=Path,
                    help="output path without suffix; writes OUT.parquet and OUT.csv")
-    _add_feature_options(s)
+    _add_feature_options(s, output_fn=None)
     s.set_defaults(func=cmd_score)
 
     b = subparsers.add_parser("bench", help="time featurization against a plain training step",
@@ -151,7 +155,12 @@ def _featurize(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     model = pipeline.load_model(args.model)
-    dataset = pipeline.load_dataset_for(model, args.data, args.split)
+    if args.training_set:
+        dataset = pipeline.load_training_set(model, args.data)
+    elif args.data is None:
+        raise CliError("give --data FOLDER or --training-set (the model's own training images)")
+    else:
+        dataset = pipeline.load_dataset_for(model, args.data, args.split)
     features = pipeline.featurize(model, dataset, settings, args.cache_dir, not args.no_progress)
     print(f"{features.shape[0]} x {features.shape[1]} features in {features.path}")
     return 0
@@ -159,59 +168,28 @@ def _featurize(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from dtrak_core.attribution import pipeline, scorers
-    from dtrak_core.attribution.feature_store import compute_features
-    from dtrak_core.attribution.featurizer import Featurizer
+    from dtrak_core.attribution.methods import get_method, score_targets
     from dtrak_core.attribution.results import scores_to_long_table
     from dtrak_core.io import atomic_path
 
     # Cheap checks first: lambdas, top, settings, every model folder, both datasets, k <= p.
+    method = get_method(args.scorer)
     for lam in args.lambdas:
         scorers.check_lambda(lam)
     if args.top is not None and args.top < 1:
         raise CliError(f"--top {args.top} must be at least 1")
-    settings = settings_from_args(args)
+    settings = method.feature_settings(settings_from_args(args), args.output_fn)
     models = [pipeline.load_model(m) for m in args.model]
-    train = pipeline.load_dataset_for(models[0], args.train, args.train_split, args.label_column)
-    targets = pipeline.load_dataset_for(models[0], args.targets, args.target_split, None)
-    for model in models[1:]:
-        pipeline.check_dataset_fits(train, model)
-    target_names = targets.metadata["file_name"].astype(str).tolist()
-    progress = not args.no_progress
-    lambdas = args.lambdas if args.scorer in ("dtrak", "relative", "renormalized") else [float("nan")]
-
-    if args.scorer in ("pixel-dot", "pixel-cosine", "random"):
-        if args.scorer == "random":
-            matrices = {lambdas[0]: scorers.random_scores(len(targets), len(train), args.seed)}
-        else:
-            metric = args.scorer.split("-")[1]
-            matrices = {lambdas[0]: scorers.pixel_scores(targets.images, train.images, metric)}
+    if args.training_set:
+        train = pipeline.load_training_set(models[0], args.train, args.label_column)
+    elif args.train is None:
+        raise CliError("give --train FOLDER or --training-set (the model's own training images)")
     else:
-        featurizers = [Featurizer.create(m.unet, m.scheduler, settings) for m in models]
-        per_model = []
-        for model, featurizer in zip(models, featurizers):
-            phi = pipeline.featurize(model, train, settings, args.cache_dir, progress, featurizer, "train")
-            g = compute_features(featurizer, targets.to_tensor(), targets.content_hash,
-                                 [TARGET_ID_OFFSET + i for i in range(len(targets))], args.cache_dir,
-                                 model.weights_hash, model.scheduler_hash, progress, description="targets")
-            per_model.append((g.features, phi.features))
-        matrices = {}
-        if args.scorer == "tracin":
-            matrices[lambdas[0]] = scorers.tracin_scores(per_model)
-        elif args.scorer in ("dot", "cosine"):
-            fn = scorers.dot_scores if args.scorer == "dot" else scorers.cosine_scores
-            matrices[lambdas[0]] = scorers.ensemble_scores([fn(g, phi) for g, phi in per_model])
-        else:
-            kernels = [scorers.KernelScorer(phi) for _, phi in per_model]
-            for lam in lambdas:
-                mats = []
-                for kernel, (g, phi) in zip(kernels, per_model):
-                    if args.scorer == "relative":
-                        mats.append(scorers.relative_influence(kernel, g, lam))
-                    elif args.scorer == "renormalized":
-                        mats.append(scorers.renormalized_influence(kernel.scores(g, lam), phi))
-                    else:
-                        mats.append(kernel.scores(g, lam))
-                matrices[lam] = scorers.ensemble_scores(mats)
+        train = pipeline.load_dataset_for(models[0], args.train, args.train_split, args.label_column)
+    targets = pipeline.load_dataset_for(models[0], args.targets, args.target_split, None)
+    target_names = targets.metadata["file_name"].astype(str).tolist()
+    matrices = score_targets(method, models, train, targets.images, settings, args.lambdas,
+                             args.cache_dir, not args.no_progress, seed=args.seed)
 
     frames = []
     for lam, matrix in matrices.items():

@@ -28,13 +28,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import dtrak_core
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.output_functions import NoiseSchedule
 from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
 from dtrak_core.paths import CACHE_DIR
+from dtrak_core.progress import progress_bar
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -222,7 +222,7 @@ def compute_features(
         write_json_atomic(folder / MANIFEST, manifest)
         store = np.lib.format.open_memmap(folder / FEATURES, mode="r+")
     start = int(manifest["rows_done"])
-    bar = tqdm(total=n, initial=start, desc=description, unit="img", disable=not progress)
+    bar = progress_bar(total=n, initial=start, desc=description, unit="img", disable=not progress)
     try:
         for lo, hi, features in featurizer.iter_features(images, ids, start=start):
             store[lo:hi] = features

@@ -95,3 +95,43 @@ def label_summary(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
     })
     summary["in_top_k"] = top_labels.value_counts().reindex(summary.index, fill_value=0).astype(int)
     return summary.sort_values("positive_share", ascending=False).reset_index()
+
+
+def top_k_overlap(tables: dict[str, pd.DataFrame], k: int = 10) -> pd.DataFrame:
+    """Pairwise overlap of the top-k proponent sets of several methods' tables (same target).
+
+    Returns a square frame (method x method) of |top_k(a) & top_k(b)| / k; the diagonal is 1.
+    """
+    if not tables:
+        raise ValueError("top-k overlap needs at least one score table")
+    tops = {name: set(top_proponents(table, k)["train_index"]) for name, table in tables.items()}
+    k_eff = {name: len(top) for name, top in tops.items()}
+    names = list(tables)
+    values = [[len(tops[a] & tops[b]) / max(1, min(k_eff[a], k_eff[b])) for b in names] for a in names]
+    return pd.DataFrame(values, index=names, columns=names)
+
+
+def rank_comparison(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """Rank of every training image under two methods, and their Spearman correlation.
+
+    Returns (frame with train_index, label, rank_a, rank_b; Spearman rho of the ranks).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"the two tables score {len(a)} and {len(b)} training images; expected the same set")
+    merged = a[["train_index", "label", "rank"]].merge(b[["train_index", "rank"]], on="train_index",
+                                                      suffixes=("_a", "_b")).sort_values("train_index")
+    if len(merged) < 2:
+        return merged.reset_index(drop=True), float("nan")
+    rho = float(np.corrcoef(merged["rank_a"], merged["rank_b"])[0, 1])  # Pearson of ranks = Spearman
+    return merged.reset_index(drop=True), rho
+
+
+def artist_shares(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
+    """Each artist's share of the top-k proponents and of the total positive score (for a chart).
+
+    Columns: label, share_of_top_k, share_of_positive_score.
+    """
+    summary = label_summary(table, top_k)
+    k = _check_k(table, top_k)
+    return pd.DataFrame({"label": summary["label"], "share_of_top_k": summary["in_top_k"] / k,
+                         "share_of_positive_score": summary["positive_share"]})

@@ -1,0 +1,365 @@
+"""What every page needs: the chosen model and training set, URL state, targets, scores, jobs.
+
+Caching (why each): models and training sets are ``st.cache_resource`` keyed by the model
+folder's content hash, so a model that is retrained in place is reloaded, and moving between
+targets never reloads or re-featurizes anything; featurizers and kernel decompositions live in
+one process-wide :class:`~dtrak_core.attribution.methods.MethodCache`; training features come
+from the feature store on disk (computed by a background job); score vectors of every target
+are kept in a :class:`~dtrak_core.attribution.score_cache.ScoreCache` for reverse lookups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from dtrak_core import jobs, registry
+from dtrak_core.attribution.featurizer import FeatureSettings
+from dtrak_core.attribution.methods import (APP_METHODS, DEFAULT_LAMBDA, METHODS, FeaturesNotReady, Method,
+                                            MethodCache, score_targets)
+from dtrak_core.attribution.pipeline import LoadedModel, feature_status, load_model, load_training_set
+from dtrak_core.attribution.score_cache import ScoreCache, score_context, target_key
+from dtrak_core.attribution.targets import TargetError, prepare_upload
+from dtrak_core.datasets import DatasetError, ImageFolderDataset
+from dtrak_core.generation import SamplerConfig, generate_to_folder
+from dtrak_core.models import ModelError, model_hash
+
+GALLERY_SEEDS = tuple(range(16))
+DEFAULTS = {"method": "dtrak", "K": 10, "k": 2048, "lambda": DEFAULT_LAMBDA, "target": "gallery", "seed": 0}
+K_OPTIONS = (1, 2, 5, 10, 20, 50, 100)
+k_OPTIONS = (128, 256, 512, 1024, 2048, 4096, 8192)
+TARGET_KINDS = {"gallery": "Generated samples", "seed": "Generate with a seed", "upload": "Upload an image"}
+SAMPLER = SamplerConfig()  # DDIM, 50 steps, eta 0: deterministic per seed
+VIEW_PX = 128  # proponent tiles (32-px images upscaled 4x, nearest neighbour)
+
+
+def cache_root() -> Path:
+    """Where features, jobs, scores and samples go (``DTRAK_CACHE`` or the repository's cache/)."""
+    from dtrak_core import paths
+
+    return Path(os.environ.get("DTRAK_CACHE", paths.CACHE_DIR))
+
+
+# ----------------------------------------------------------------------------- URL state
+
+def _parse(name: str, text: str, kind: type):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        st.warning(f"Ignoring the link's {name}={text!r}: expected a {kind.__name__}.")
+        return DEFAULTS[name]
+
+
+def init_state() -> None:
+    """Seed the widgets' session state from the URL once per session (a link reproduces a view)."""
+    if st.session_state.get("_url_loaded"):
+        return
+    q = st.query_params
+    for name, kind in (("method", str), ("target", str), ("seed", int), ("K", int), ("k", int),
+                       ("lambda", float)):
+        st.session_state[name] = _parse(name, q[name], kind) if name in q else DEFAULTS[name]
+    limits = {"seed": (0, 2**31 - 1), "K": (1, 1000), "k": (1, 1 << 20), "lambda": (0.0, float("inf"))}
+    for name, (low, high) in limits.items():
+        if not low <= st.session_state[name] <= high:
+            st.warning(f"Ignoring the link's {name}={st.session_state[name]}: expected {low}..{high}.")
+            st.session_state[name] = DEFAULTS[name]
+    if st.session_state["method"] not in APP_METHODS:
+        st.warning(f"Unknown method {st.session_state['method']!r} in the link; using D-TRAK.")
+        st.session_state["method"] = DEFAULTS["method"]
+    if st.session_state["target"] not in TARGET_KINDS:
+        st.session_state["target"] = DEFAULTS["target"]
+    if "model" in q:
+        st.session_state["model"] = q["model"]
+    st.session_state["_url_loaded"] = True
+
+
+def sync_url(**extra: object) -> None:
+    """Write the current view into the URL."""
+    state = st.session_state
+    params = {"model": state.get("model"), "method": state.get("method"), "K": state.get("K"),
+              "k": state.get("k"), "lambda": state.get("lambda"), "target": state.get("target"),
+              "seed": state.get("seed"), **extra}
+    st.query_params.update({k: str(v) for k, v in params.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------- resources
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def _cached_model(model_dir: str, content_hash: str) -> LoadedModel:
+    return load_model(model_dir)
+
+
+@st.cache_resource(show_spinner="Loading the training images...", max_entries=4)
+def _cached_training_set(model_dir: str, content_hash: str, data_dir: str | None) -> ImageFolderDataset:
+    dataset = load_training_set(_cached_model(model_dir, content_hash), data_dir)
+    _ = dataset.content_hash  # hash once here, not on every rerun
+    return dataset
+
+
+@st.cache_resource
+def method_cache() -> MethodCache:
+    return MethodCache()
+
+
+@dataclass
+class Context:
+    """The chosen model and its training set."""
+
+    entry: registry.ModelEntry
+    model: LoadedModel
+    train: ImageFolderDataset
+    content_hash: str
+
+    @property
+    def size(self) -> int:
+        return self.model.sample_size
+
+
+def _register_form() -> None:
+    with st.sidebar.expander("Register a model"):
+        with st.form("register", clear_on_submit=False):
+            name = st.text_input("Name", key="reg_name")
+            model_dir = st.text_input("Pipeline folder (diffusers DDPMPipeline)", key="reg_model")
+            data_dir = st.text_input("Training image folder", key="reg_data")
+            if st.form_submit_button("Register"):
+                try:
+                    entry = registry.register_model(name, model_dir, data_dir, cache_root())
+                except (ModelError, DatasetError, ValueError) as error:
+                    st.error(f"Not registered: {error}")
+                else:
+                    st.success(f"Registered {entry.name}.")
+                    st.session_state["model"] = entry.name
+
+
+def model_context() -> Context | None:
+    """Sidebar model picker (+ registration); the loaded model and training set, or None after an error."""
+    init_state()
+    try:
+        entries = registry.list_models(cache_root())
+    except ValueError as error:
+        st.error(str(error))
+        return None
+    _register_form()
+    if not entries:
+        st.info("No model yet. Train the demo with `make demo-model`, or register a pipeline folder and "
+                "its training images in the sidebar.")
+        return None
+    names = [e.name for e in entries]
+    if st.session_state.get("model") not in names:
+        if st.session_state.get("model"):
+            st.warning(f"Model {st.session_state['model']!r} from the link is not registered here; "
+                       f"showing {names[0]}.")
+        st.session_state["model"] = names[0]
+    st.sidebar.selectbox("Model", names, key="model")
+    entry = entries[names.index(st.session_state["model"])]
+    try:
+        content_hash = model_hash(entry.model_dir)
+    except FileNotFoundError:
+        try:
+            load_model(entry.model_dir)  # says precisely what is wrong (no folder, not a pipeline, type)
+        except ModelError as error:
+            st.error(f"Model {entry.name}: {error}")
+            return None
+        st.error(f"Model {entry.name}: {entry.model_dir} has no UNet weights "
+                 "(unet/diffusion_pytorch_model.safetensors); expected a saved DDPMPipeline.")
+        return None
+    try:
+        model = _cached_model(entry.model_dir, content_hash)
+        train = _cached_training_set(entry.model_dir, content_hash, entry.data_dir)
+    except (ModelError, DatasetError, ValueError) as error:
+        st.error(f"Model {entry.name}: {error}")
+        return None
+    st.sidebar.caption(f"{len(train)} training images, {train.image_size}x{train.image_size} px; "
+                       f"weights {content_hash[:10]}")
+    return Context(entry, model, train, content_hash)
+
+
+# ----------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    """A target image (uint8 (H, W, 3)), how to name it, and its seed if generated."""
+
+    image: np.ndarray
+    label: str
+    seed: int | None = None
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return target_key(self.image)
+
+
+@st.cache_data(show_spinner="Sampling (DDIM, 50 steps)...", max_entries=64)
+def samples(model_dir: str, content_hash: str, seeds: tuple[int, ...]) -> list[np.ndarray]:
+    """Generated images of ``seeds`` (uint8 (H, W, 3) each), kept on disk under the cache."""
+    folder = cache_root() / "samples" / content_hash[:16] / SAMPLER.tag
+    generate_to_folder(model_dir, seeds, SAMPLER, folder, progress=False)
+    return [np.asarray(Image.open(folder / f"{s}.png").convert("RGB")) for s in seeds]
+
+
+def upscale(image: np.ndarray, side: int) -> Image.Image:
+    """Nearest-neighbour upscale by an integer factor to about ``side`` px: crisp pixels, no blur."""
+    picture = Image.fromarray(image)
+    factor = max(1, side // max(picture.size))
+    return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+
+
+def _pick_seed(seed: int) -> None:
+    st.session_state["seed"] = seed
+    st.session_state["target"] = "gallery"
+
+
+def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
+    """Target chooser: the gallery of samples, a seed to generate, or an upload."""
+    kind = st.radio("Target", list(TARGET_KINDS), format_func=TARGET_KINDS.get, key="target", horizontal=True)
+    if kind == "upload":
+        upload = st.file_uploader("An image (PNG, JPEG, GIF, WebP; up to 10 MiB)", key="upload")
+        if upload is None:
+            st.info("Upload an image to attribute it.")
+            return None
+        try:
+            prepared = prepare_upload(upload.getvalue(), ctx.size, upload.name)
+        except TargetError as error:
+            st.error(str(error))
+            return None
+        return Target(prepared.image, f"upload {upload.name}", None, prepared.note)
+    if kind == "seed":
+        st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
+    else:
+        images = samples(ctx.entry.model_dir, ctx.content_hash, GALLERY_SEEDS)
+        with st.expander("Generated samples (click a seed)", expanded=True):
+            columns = st.columns(gallery_columns)
+            for i, (seed, image) in enumerate(zip(GALLERY_SEEDS, images)):
+                with columns[i % gallery_columns]:
+                    st.image(upscale(image, 64))
+                    st.button(f"seed {seed}", key=f"pick_{seed}", on_click=_pick_seed, args=(seed,),
+                              type="primary" if seed == st.session_state["seed"] else "secondary")
+    seed = int(st.session_state["seed"])
+    image = samples(ctx.entry.model_dir, ctx.content_hash, (seed,))[0]
+    return Target(image, f"seed {seed}", seed, f"DDIM 50 steps, eta 0, seed {seed}")
+
+
+# ----------------------------------------------------------------------------- methods and scores
+
+def method_settings(prefix: str = "") -> tuple[str, int, int, float]:
+    """Method menu and its settings (K timesteps, projection size k, lambda)."""
+    method = st.selectbox("Method", APP_METHODS, key=f"{prefix}method",
+                          format_func=lambda m: METHODS[m].label)
+    spec = METHODS[method]
+    cols = st.columns(3)
+    cols[0].number_input("K timesteps", min_value=1, max_value=1000, step=1, key="K",
+                         disabled=not spec.needs_features, help="more is better and slower (10: cheap, 100: good)")
+    cols[1].selectbox("Projection size k", sorted(set(k_OPTIONS) | {int(st.session_state["k"])}), key="k",
+                      disabled=not spec.needs_features)
+    cols[2].number_input("lambda", min_value=0.0, format="%g", key="lambda", disabled=not spec.uses_lambda,
+                         help="ridge regularisation of the kernel; 10..5000 work well")
+    return method, int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
+
+
+def feature_settings(method: Method, K: int, k: int) -> FeatureSettings:
+    return FeatureSettings(output_fn=method.output_fn or "square", num_timesteps=K, projection_dim=k)
+
+
+def featurize_args(ctx: Context, settings: FeatureSettings) -> list[str]:
+    """The CLI job that computes the training features the app will look for."""
+    args = ["featurize", "--model", ctx.entry.model_dir, "--training-set", "--output-fn", settings.output_fn,
+            "-K", str(settings.num_timesteps), "-k", str(settings.projection_dim),
+            "--cache-dir", str(cache_root() / "features")]
+    if ctx.entry.data_dir:
+        args += ["--data", ctx.entry.data_dir]
+    return args
+
+
+def score_cache(ctx: Context, method: Method, settings: FeatureSettings | None, lam: float) -> ScoreCache:
+    lam_used = lam if method.uses_lambda else float("nan")
+    fields = settings.key_fields() if settings is not None and method.needs_features else None
+    return ScoreCache(cache_root() / "scores", score_context(ctx.model.weights_hash, ctx.train.content_hash,
+                                                             method.name, fields, lam_used))
+
+
+def scores_for(ctx: Context, target: Target, method_name: str, K: int, k: int, lam: float) -> np.ndarray:
+    """One target's scores (n,) under a method; raises FeaturesNotReady while features compute."""
+    method = METHODS[method_name]
+    settings = feature_settings(method, K, k) if method.needs_features else None
+    store = score_cache(ctx, method, settings, lam)
+    cached = store.get(target.key)
+    if cached is not None and len(cached) == len(ctx.train):
+        return cached
+    matrices = score_targets(method, [ctx.model], ctx.train, target.image[None], settings, [lam],
+                             cache_root() / "features", progress=False, compute_missing=False,
+                             cache=method_cache())
+    scores = next(iter(matrices.values()))[0]
+    store.put(target.key, scores, target.image, {"label": target.label, "seed": target.seed})
+    return scores
+
+
+def start_features(ctx: Context, settings: FeatureSettings, features_key: str) -> jobs.Job:
+    """Submit (or find) the background job computing the training features.
+
+    The job's identity is the feature key (model weights, training set, settings), so a model
+    retrained in place gets a new job; a "done" job whose features are missing runs again.
+    """
+    return jobs.submit(featurize_args(ctx, settings),
+                       f"training features of {ctx.entry.name} ({settings.output_fn}, K={settings.num_timesteps}, "
+                       f"k={settings.projection_dim})", cache_root() / "jobs", identity=features_key,
+                       rerun_done=True)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating..."
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def show_feature_job(ctx: Context, job: jobs.Job, method: Method, K: int, k: int) -> None:
+    """The progress of the training features a method waits for, with cancel / start-again buttons."""
+    show_job(job)
+    if job.active:
+        if st.button("Cancel", key=f"cancel_{job.key}"):
+            jobs.cancel(job.key, cache_root() / "jobs")
+            st.rerun()
+    elif st.button("Start again", key=f"restart_{job.key}"):
+        settings = feature_settings(method, K, k)
+        start_features(ctx, settings, feature_status(ctx.model, ctx.train, settings, cache_root() / "features").key)
+        st.rerun()
+
+
+def show_job(job: jobs.Job) -> None:
+    """Progress bar, ETA and state of one job."""
+    fraction = job.fraction or 0.0
+    done, total = job.progress.get("done"), job.progress.get("total")
+    text = f"{job.description}: {job.state}"
+    if total:
+        text += f", {done} of {total} images"
+    if job.active:
+        text += f", ETA {format_seconds(job.eta_seconds)}"
+    st.progress(fraction if job.state != "done" else 1.0, text=text)
+    if job.state == "failed":
+        st.error(f"The job failed: {job.message}\n\n{job.log_tail(5)}")
+
+
+def features_pending(ctx: Context, method: Method, K: int, k: int) -> jobs.Job | None:
+    """None when the method's training features are ready; else the (started) job computing them."""
+    if not method.needs_features:
+        return None
+    settings = feature_settings(method, K, k)
+    try:
+        status = feature_status(ctx.model, ctx.train, settings, cache_root() / "features")
+    except ValueError as error:
+        st.error(str(error))
+        return None
+    if status.state == "complete":
+        return None
+    job = jobs.find_job(featurize_args(ctx, settings), cache_root() / "jobs", identity=status.key)
+    if job is None or job.state == "done":
+        # Never started, or finished but its features were deleted since: start (again).
+        return start_features(ctx, settings, status.key)
+    # A failed or cancelled job waits for the user (show_feature_job offers "start again").
+    return job

@@ -1,0 +1,77 @@
+"""The attribution card: one PNG with the target and its top proponents, scores and artists.
+
+Drawn with PIL only. Pixel art stays crisp: every image is upscaled with nearest neighbour
+by an integer factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+MUTED = (110, 110, 110)
+
+
+@dataclass(frozen=True)
+class CardEntry:
+    """One proponent on the card: ``image`` uint8 (H, W, 3), its rank, score, artist and file."""
+
+    image: np.ndarray
+    rank: int
+    score: float
+    artist: str | None
+    file_name: str
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _upscale(image: np.ndarray, side: int) -> Image.Image:
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    factor = max(1, side // max(picture.size))
+    return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+
+
+def render_card(target: np.ndarray, entries: Sequence[CardEntry], title: str, subtitle: str = "",
+                tile: int = 128, columns: int = 5) -> Image.Image:
+    """A PNG-ready RGB card.
+
+    Layout: the title and subtitle on top; the target (2 x ``tile``) on the left; the entries in
+    a grid of ``columns`` on the right, each with "#rank score" and "artist" below it.
+
+    Args:
+        target: uint8 (H, W, 3). entries: the proponents, best first (at least one).
+        tile: side of one proponent image in pixels (the images are upscaled by an integer factor).
+    """
+    if not entries:
+        raise ValueError("an attribution card needs at least one proponent")
+    if tile < 16:
+        raise ValueError(f"tile {tile} px is too small to read; expected at least 16")
+    pad, text_h, header = 16, 40, 64
+    rows = -(-len(entries) // columns)
+    target_img = _upscale(target, 2 * tile)
+    left = pad + target_img.width + 2 * pad
+    width = left + columns * (tile + pad)
+    height = max(header + target_img.height + text_h + pad, header + rows * (tile + text_h) + pad)
+    card = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(card)
+    draw.text((pad, 12), title, fill=INK, font=_font(22))
+    if subtitle:
+        draw.text((pad, 40), subtitle, fill=MUTED, font=_font(14))
+    card.paste(target_img, (pad, header))
+    draw.text((pad, header + target_img.height + 6), "target", fill=INK, font=_font(16))
+    small = _font(13)
+    for i, entry in enumerate(entries):
+        x = left + (i % columns) * (tile + pad)
+        y = header + (i // columns) * (tile + text_h)
+        picture = _upscale(entry.image, tile)
+        card.paste(picture, (x + (tile - picture.width) // 2, y + (tile - picture.height) // 2))
+        draw.text((x, y + tile + 3), f"#{entry.rank}  {entry.score:+.3g}", fill=INK, font=small)
+        draw.text((x, y + tile + 19), (entry.artist or entry.file_name)[:20], fill=MUTED, font=small)
+    return card

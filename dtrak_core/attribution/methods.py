@@ -1,0 +1,234 @@
+"""The attribution methods by name, and the one function that scores targets with any of them.
+
+Every caller (the ``score`` subcommand, the app, benchmarks) goes through :func:`score_targets`:
+(method, model(s), training set, target images, feature settings, lambdas) -> score matrices
+(m, n), one per lambda, with ``scores[i, j] = tau(target_i, train_j)`` (positive = proponent).
+
+Gradient methods reuse the cached training features of the feature store; the target features
+are cached too (keyed by the target pixels), so attributing a target seen before costs a
+memory-map read and one matrix product.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dtrak_core.attribution import scorers
+from dtrak_core.attribution.feature_store import FeatureSet, compute_features
+from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
+from dtrak_core.attribution.pipeline import (FeatureStatus, LoadedModel, check_dataset_fits, featurize,
+                                             feature_status)
+from dtrak_core.datasets.imagefolder import ImageFolderDataset
+from dtrak_core.io import sha256_array
+
+#: Targets draw their noise with ids offset by this, so a training image used as a target
+#: gets fresh noise, not the noise of the training row with the same index.
+TARGET_ID_OFFSET = 1 << 40
+DEFAULT_LAMBDA = 100.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named attribution method.
+
+    Attributes:
+        name: registry key (also the CLI's ``--scorer`` value).
+        label: what people call it.
+        scorer: how scores come from features: "kernel" (TRAK/D-TRAK ridge kernel), "relative",
+            "renormalized", "dot", "cosine", "tracin", "pixel-dot", "pixel-cosine" or "random".
+        output_fn: the output function whose gradients are the features (None: no gradients).
+        summary: one plain-language sentence.
+    """
+
+    name: str
+    label: str
+    scorer: str
+    output_fn: str | None
+    summary: str
+
+    @property
+    def needs_features(self) -> bool:
+        return self.output_fn is not None
+
+    @property
+    def uses_lambda(self) -> bool:
+        return self.scorer in ("kernel", "relative", "renormalized")
+
+    def feature_settings(self, base: FeatureSettings, output_fn: str | None = None) -> FeatureSettings:
+        """``base`` with this method's output function (or ``output_fn`` when given)."""
+        return replace(base, output_fn=output_fn or self.output_fn or base.output_fn)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("dtrak", "D-TRAK", "kernel", "square",
+           "gradients of the squared model output, compared through the ridge kernel (the paper's best)"),
+    Method("trak", "TRAK", "kernel", "loss",
+           "like D-TRAK but with gradients of the training loss (the theoretically motivated choice)"),
+    Method("cosine", "gradient cosine", "cosine", "square",
+           "cosine of the target's and each training image's gradient features (no kernel)"),
+    Method("dot", "gradient dot", "dot", "square",
+           "dot product of gradient features (no kernel; large gradients dominate)"),
+    Method("tracin", "TracIn", "tracin", "loss",
+           "dot product of loss gradients, averaged over the given checkpoints"),
+    Method("relative", "relative influence", "relative", "square",
+           "D-TRAK score divided by the size of the training image's own influence vector"),
+    Method("renormalized", "renormalized influence", "renormalized", "square",
+           "D-TRAK score divided by the size of the training image's gradient"),
+    Method("pixel", "raw pixel similarity", "pixel-cosine", None,
+           "cosine similarity of the raw pixels (a baseline that knows nothing of the model)"),
+    Method("pixel-dot", "raw pixel dot", "pixel-dot", None,
+           "dot product of the raw pixels (a baseline)"),
+    Method("random", "random", "random", None,
+           "random scores: the floor any method must beat"),
+)}
+#: The methods the app offers, in menu order.
+APP_METHODS = ("dtrak", "trak", "cosine", "tracin", "relative", "renormalized", "pixel", "random")
+
+
+#: Other names accepted for a method (earlier CLI spellings).
+ALIASES = {"pixel-cosine": "pixel"}
+
+
+def get_method(name: str) -> Method:
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ValueError(f"unknown attribution method {name!r}; expected one of {list(METHODS)}")
+    return METHODS[name]
+
+
+class FeaturesNotReady(RuntimeError):
+    """The training features a method needs are not computed yet (``status`` says how far)."""
+
+    def __init__(self, status: FeatureStatus, settings: FeatureSettings) -> None:
+        self.status, self.settings = status, settings
+        super().__init__(f"training features are {status.state} ({status.rows_done} of {status.rows} "
+                         f"images) in {status.folder}; compute them first")
+
+
+class MethodCache:
+    """Featurizers and kernel decompositions kept between calls (one per process in the app).
+
+    Building a featurizer prepares the model (vmap-friendly attention, projection matrices) and a
+    kernel decomposes the training features; both are reused while the model, settings and
+    training features stay the same. Thread-safe: the app serves several sessions in threads.
+    """
+
+    def __init__(self) -> None:
+        self._featurizers: dict[tuple, Featurizer] = {}
+        self._kernels: dict[str, scorers.KernelScorer] = {}
+        self._lock = threading.Lock()
+
+    def featurizer(self, model: LoadedModel, settings: FeatureSettings) -> Featurizer:
+        key = (model.weights_hash, model.scheduler_hash, id(model.unet), tuple(sorted(settings.to_dict().items())))
+        with self._lock:
+            if key not in self._featurizers:
+                self._featurizers[key] = Featurizer.create(model.unet, model.scheduler, settings)
+            return self._featurizers[key]
+
+    def kernel(self, features: FeatureSet) -> scorers.KernelScorer:
+        with self._lock:
+            if features.key not in self._kernels:
+                self._kernels[features.key] = scorers.KernelScorer(features.features)
+            return self._kernels[features.key]
+
+
+def _as_uint8_images(targets: np.ndarray) -> np.ndarray:
+    targets = np.asarray(targets)
+    if targets.ndim != 4 or targets.shape[-1] != 3 or targets.dtype != np.uint8 or len(targets) == 0:
+        raise ValueError(f"target images must be a non-empty uint8 array (m, H, W, 3), got "
+                         f"{targets.dtype} {targets.shape}")
+    return targets
+
+
+def train_features(model: LoadedModel, train: ImageFolderDataset, settings: FeatureSettings,
+                   root: str | Path | None = None, progress: bool = False, compute_missing: bool = True,
+                   cache: MethodCache | None = None) -> FeatureSet:
+    """The training features (n, k): from the store, computed when ``compute_missing``, else
+    :class:`FeaturesNotReady`."""
+    if not compute_missing:
+        status = feature_status(model, train, settings, root)
+        if status.state != "complete":
+            raise FeaturesNotReady(status, settings)
+    featurizer = (cache or MethodCache()).featurizer(model, settings)
+    return featurize(model, train, settings, root, progress, featurizer, "train")
+
+
+def score_targets(method: str | Method, models: Sequence[LoadedModel], train: ImageFolderDataset,
+                  targets: np.ndarray, settings: FeatureSettings | None = None,
+                  lambdas: Sequence[float] = (DEFAULT_LAMBDA,), root: str | Path | None = None,
+                  progress: bool = False, compute_missing: bool = True, seed: int = 0,
+                  cache: MethodCache | None = None) -> dict[float, np.ndarray]:
+    """Scores of every training image for every target, one float32 matrix (m, n) per lambda.
+
+    Args:
+        method: a name in :data:`METHODS` or a :class:`Method`.
+        models: one model; several = an ensemble (mean of score matrices) or, for TracIn, the
+            checkpoints to average over. All must fit ``train``.
+        train: the training set (row j = training image j, noise id j).
+        targets: uint8 images (m, H, W, 3) of the model's size.
+        settings: feature settings (its output function is used as given: pick it with
+            :meth:`Method.feature_settings`); default: the method's defaults.
+        lambdas: ridge lambdas for kernel methods; methods without lambda return one matrix
+            keyed by NaN.
+        root: feature store root (default ``CACHE_DIR / "features"``).
+        compute_missing: compute missing training features here (long); if False raise
+            :class:`FeaturesNotReady` instead.
+        seed: seed of the random baseline.
+        cache: featurizers and kernels to reuse between calls.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    if not models:
+        raise ValueError("scoring needs at least one model")
+    lambdas = [scorers.check_lambda(lam) for lam in lambdas] if method.uses_lambda else [float("nan")]
+    if not lambdas:
+        raise ValueError(f"method {method.label} needs at least one lambda")
+    targets = _as_uint8_images(targets)
+    for model in models:
+        check_dataset_fits(train, model)
+    if targets.shape[1:3] != train.images.shape[1:3]:
+        raise ValueError(f"target images are {targets.shape[2]}x{targets.shape[1]} but the training images are "
+                         f"{train.image_size}x{train.image_size}; resize the targets to the model's size")
+    m, n = len(targets), len(train)
+
+    if method.scorer == "random":
+        return {lambdas[0]: scorers.random_scores(m, n, seed)}
+    if method.scorer.startswith("pixel-"):
+        return {lambdas[0]: scorers.pixel_scores(targets, train.images, method.scorer.split("-")[1])}
+
+    settings = settings or method.feature_settings(FeatureSettings())
+    cache = cache or MethodCache()
+    # The models' input range, as ImageFolderDataset.to_tensor: (m, 3, H, W) in [-1, 1].
+    target_tensor = torch.from_numpy(np.array(targets, copy=True)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    target_hash = sha256_array(targets)
+    per_model: list[tuple[np.ndarray, FeatureSet]] = []
+    for model in models:
+        phi = train_features(model, train, settings, root, progress, compute_missing, cache)
+        featurizer = cache.featurizer(model, settings)
+        g = compute_features(featurizer, target_tensor, target_hash, [TARGET_ID_OFFSET + i for i in range(m)],
+                             root, model.weights_hash, model.scheduler_hash, progress, description="targets")
+        per_model.append((np.asarray(g.features), phi))
+
+    if method.scorer == "tracin":
+        return {lambdas[0]: scorers.tracin_scores([(g, phi.features) for g, phi in per_model])}
+    if method.scorer in ("dot", "cosine"):
+        fn = scorers.dot_scores if method.scorer == "dot" else scorers.cosine_scores
+        return {lambdas[0]: scorers.ensemble_scores([fn(g, phi.features) for g, phi in per_model])}
+    matrices: dict[float, np.ndarray] = {}
+    for lam in lambdas:
+        mats = []
+        for g, phi in per_model:
+            kernel = cache.kernel(phi)
+            if method.scorer == "relative":
+                mats.append(scorers.relative_influence(kernel, g, lam))
+            elif method.scorer == "renormalized":
+                mats.append(scorers.renormalized_influence(kernel.scores(g, lam), phi.features))
+            else:
+                mats.append(kernel.scores(g, lam))
+        matrices[lam] = scorers.ensemble_scores(mats)
+    return matrices

@@ -1,0 +1,79 @@
+"""Compare methods: one target under several methods, side by side."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from dtrak_app import common as c
+from dtrak_app import views
+from dtrak_core.attribution.methods import APP_METHODS, METHODS, FeaturesNotReady
+from dtrak_core.attribution.results import rank_comparison, score_table, top_k_overlap, top_proponents
+
+st.title("Compare methods")
+ctx = c.model_context()
+if ctx is None:
+    st.stop()
+
+target = c.pick_target(ctx)
+if "compare" not in st.session_state:
+    linked = [m for m in st.query_params.get("compare", "").split(",") if m in APP_METHODS]
+    st.session_state["compare"] = linked or ["dtrak", "trak", "pixel"]
+chosen = st.multiselect("Methods (two or more)", APP_METHODS, key="compare", format_func=lambda m: METHODS[m].label)
+cols = st.columns(4)
+cols[0].number_input("K timesteps", min_value=1, max_value=1000, step=1, key="K")
+cols[1].selectbox("Projection size k", sorted(set(c.k_OPTIONS) | {int(st.session_state["k"])}), key="k")
+cols[2].number_input("lambda", min_value=0.0, format="%g", key="lambda")
+top_k = cols[3].number_input("top-k", min_value=1, max_value=100, value=10, step=1)
+c.sync_url(compare=",".join(chosen))
+if target is None:
+    st.stop()
+if len(chosen) < 2:
+    st.warning("Pick at least two methods to compare.")
+    st.stop()
+
+K, k, lam = int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
+tables = {}
+for name in chosen:
+    job = c.features_pending(ctx, METHODS[name], K, k)
+    if job is not None:
+        st.info(f"{METHODS[name].label}: training features are being computed in the background.")
+        c.show_job(job)
+        continue
+    try:
+        scores = c.scores_for(ctx, target, name, K, k, lam)
+    except (FeaturesNotReady, ValueError) as error:
+        st.error(f"{METHODS[name].label}: {error}")
+        continue
+    tables[name] = score_table(scores, ctx.train.metadata, ctx.train.label_column)
+
+st.image(c.upscale(target.image, 128), caption=target.label)
+if not tables:
+    st.stop()
+columns = st.columns(len(tables))
+for column, (name, table) in zip(columns, tables.items()):
+    with column:
+        st.subheader(METHODS[name].label)
+        views.tiles(ctx.train.images, top_proponents(table, 6), columns=2, side=96)
+
+if len(tables) >= 2:
+    st.subheader(f"Overlap of the top-{top_k} proponent sets")
+    overlap = top_k_overlap(tables, int(top_k))
+    labels = [METHODS[n].label for n in overlap.index]
+    figure = go.Figure(go.Heatmap(z=overlap.to_numpy(), x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
+                                  text=overlap.to_numpy(), texttemplate="%{text:.0%}"))
+    figure.update_layout(height=360, margin=dict(l=10, r=10, t=10, b=10))
+    st.plotly_chart(figure, width="stretch")
+
+    st.subheader("Rank against rank")
+    names = list(tables)
+    pair = st.columns(2)
+    a = pair[0].selectbox("x axis", names, index=0, format_func=lambda m: METHODS[m].label)
+    b = pair[1].selectbox("y axis", names, index=1, format_func=lambda m: METHODS[m].label)
+    ranks, rho = rank_comparison(tables[a], tables[b])
+    scatter = go.Figure(go.Scatter(x=ranks["rank_a"], y=ranks["rank_b"], mode="markers",
+                                   text=ranks["label"], marker=dict(size=5, opacity=0.6)))
+    scatter.update_layout(xaxis_title=f"rank under {METHODS[a].label}", yaxis_title=f"rank under {METHODS[b].label}",
+                          height=420, margin=dict(l=10, r=10, t=30, b=10),
+                          title=f"Spearman rank correlation {rho:.2f}")
+    st.plotly_chart(scatter, width="stretch")

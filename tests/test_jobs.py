@@ -1,0 +1,109 @@
+"""Background jobs: real detached processes, deduplicated, cancellable, dead ones detected."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dtrak_core import jobs
+
+
+def wait_for(predicate, timeout: float = 90.0):
+    """Poll ``predicate`` until it returns something truthy (bounded: fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def finished(root: Path, key: str):
+    job = jobs.get_job(key, root)
+    return job if job is not None and not job.active else None
+
+
+def featurize_args(tmp_path: Path) -> list[str]:
+    from tests.attribution.conftest import synthetic_images, write_image_folder
+    from dtrak_core.models import UNET_PRESETS, make_scheduler, save_pipeline
+
+    save_pipeline(UNET_PRESETS["tiny"].build(image_size=16), make_scheduler(), tmp_path / "model")
+    data = write_image_folder(tmp_path / "data", synthetic_images(3))
+    return ["featurize", "--model", str(tmp_path / "model"), "--data", str(data), "-K", "1", "-k", "32",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "features")]
+
+
+def test_a_job_runs_once_reports_progress_and_is_found_again(tmp_path):
+    """Four tabs submit the same work at once: one process; it finishes with progress and a log."""
+    args, root = featurize_args(tmp_path), tmp_path / "jobs"
+    results: list[jobs.Job] = []
+    threads = [threading.Thread(target=lambda: results.append(jobs.submit(args, "features", root)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({j.key for j in results}) == 1 and len({j.pid for j in results}) == 1
+    assert len(jobs.list_jobs(root)) == 1
+    done = wait_for(lambda: finished(root, results[0].key))
+    assert done.state == "done" and done.returncode == 0, done.log_tail()
+    assert done.progress["done"] == done.progress["total"] == 3 and done.fraction == 1.0
+    assert done.eta_seconds is None  # nothing left to wait for
+    assert "3 x 32 features" in done.log_tail()
+    assert json.loads((done.folder / jobs.SPEC_FILE).read_text())["args"] == args
+    # Asking again for finished work returns the same job and starts nothing; unless told to rerun.
+    again = jobs.submit(args, "features", root)
+    assert again.state == "done" and again.pid == done.pid
+    assert jobs.find_job(args, root).key == done.key
+
+
+def test_a_failing_command_is_failed_and_resubmission_restarts_it(tmp_path):
+    job = jobs.submit(["no-such-command"], "bad", tmp_path)
+    failed = wait_for(lambda: finished(tmp_path, job.key))
+    assert failed.state == "failed" and failed.returncode == 2 and "job.log" in failed.message
+    assert "invalid choice" in failed.log_tail()
+    again = jobs.submit(["no-such-command"], "bad", tmp_path)
+    assert again.state == "queued" and again.pid != failed.pid
+    assert jobs.cancel(again.key, tmp_path).state == "cancelled"
+
+
+def test_identity_separates_jobs_with_the_same_arguments(tmp_path):
+    assert jobs.job_key(["a"], "weights-1") != jobs.job_key(["a"], "weights-2")
+    assert jobs.job_key(["a"]) == jobs.job_key(["a"]) != jobs.job_key(["b"])
+
+
+def test_cancel_kills_the_process_group(tmp_path):
+    # A long job: train a tiny model for very many steps on a small folder.
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data")
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "model"), "--preset", "tiny", "--image-size", "16",
+            "--steps", "1000000", "--batch-size", "2", "--checkpoint-every", "1000000"]
+    job = jobs.submit(args, "long", tmp_path / "jobs")
+    running = wait_for(lambda: (j := jobs.get_job(job.key, tmp_path / "jobs")) and j.state == "running" and j)
+    cancelled = jobs.cancel(job.key, tmp_path / "jobs")
+    assert cancelled.state == "cancelled"
+    wait_for(lambda: jobs._process_start_time(running.pid) is None, timeout=30)
+    assert jobs.get_job(job.key, tmp_path / "jobs").state == "cancelled"
+    with pytest.raises(jobs.JobError, match="there is no job 'nope'"):
+        jobs.cancel("nope", tmp_path / "jobs")
+
+
+def test_a_dead_process_is_reported_as_failed(tmp_path):
+    # A job folder whose process exited without recording an end (killed -9, machine reboot).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / jobs.job_key(["x"])
+    folder.mkdir()
+    (folder / jobs.SPEC_FILE).write_text(json.dumps({"args": ["x"], "submitted": time.time()}))
+    (folder / jobs.STATUS_FILE).write_text(json.dumps({"state": "running", "pid": gone.pid, "start_time": None}))
+    dead = jobs.get_job(folder.name, tmp_path)
+    assert dead.state == "failed" and "ended without reporting" in dead.message
+    assert json.loads((folder / jobs.STATUS_FILE).read_text())["state"] == "failed"  # recorded
