@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dtrak_core.attribution.cli import add_subcommands
 
     add_subcommands(sub)  # featurize, score, bench
+
+    from dtrak_core.evaluation.cli import add_subcommands as add_evaluation_subcommands
+
+    add_evaluation_subcommands(sub)  # lds build|attribute|score|report, counterfactual
     return parser
 
 

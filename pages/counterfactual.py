@@ -1,0 +1,153 @@
+"""Counterfactual: remove what a method blames for a generated image, retrain, and look again.
+
+Stored results (``benchmarks/counterfactual/<model>/``, or ``DTRAK_COUNTERFACTUAL_DIR``) load
+instantly; a new experiment (one retrain, minutes on a CPU) runs as a background job through
+``dtrak_core.jobs``, so it survives reloads and is never started twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from dtrak_app import common as c
+from dtrak_core import jobs
+from dtrak_core.evaluation.counterfactual import (DEFAULT_FRACTION, CounterfactualConfig, load_results,
+                                                  resolve_k, stored_result, summarize)
+from dtrak_core.paths import REPO_ROOT
+
+REMOVALS = {"dtrak": "D-TRAK top-k proponents", "trak": "TRAK top-k proponents", "random": "k random images"}
+
+
+def results_dir(model_dir: str) -> Path:
+    """Where this model's counterfactual records live (the CLI's default, or the environment's)."""
+    root = os.environ.get("DTRAK_COUNTERFACTUAL_DIR")
+    return Path(root) if root else REPO_ROOT / "benchmarks" / "counterfactual" / Path(model_dir).resolve().name
+
+
+def job_args(config: CounterfactualConfig) -> list[str]:
+    args = ["counterfactual", "--model", config.model_dir, "--target-seed", str(config.target_seed),
+            "--method", config.method, "--results", config.results_dir,
+            "--models-dir", str(c.cache_root() / "counterfactual" / "models"), "--no-progress"]
+    return args + (["--k", str(config.k)] if config.k is not None else [])
+
+
+def show_record(record: dict, title: str) -> None:
+    """Before / after images and the two metrics of one stored experiment."""
+    st.markdown(f"**{title}**")
+    folder = Path(record["folder"])
+    cols = st.columns(2)
+    cols[0].image(c.upscale(np.asarray(Image.open(folder / record["before_png"]).convert("RGB")), 160),
+                  caption="before (full training set)")
+    cols[1].image(c.upscale(np.asarray(Image.open(folder / record["after_png"]).convert("RGB")), 160),
+                  caption=f"after removing {record['k']} images")
+    metrics = st.columns(2)
+    metrics[0].metric("pixel L2 (higher = bigger change)", f"{record['pixel_l2']:.3f}")
+    metrics[1].metric("SSIM (lower = bigger change)", f"{record['ssim']:.3f}")
+    shares = ", ".join(f"{artist}: {count}" for artist, count in sorted(record["removed_by_artist"].items()))
+    st.caption(f"removed by artist: {shares}; retrained {record['retrain_steps']} steps")
+
+
+@st.fragment(run_every=2.0)
+def watch(key: str) -> None:
+    """A running experiment's progress, refreshed every 2 s; the whole page reruns when it ends."""
+    job = jobs.get_job(key, c.cache_root() / "jobs")
+    if job is None:
+        return
+    c.show_job(job)
+    if not job.active:
+        st.rerun()
+
+
+def run_or_progress(config: CounterfactualConfig, label: str) -> None:
+    """The job of an experiment without a stored result: its progress, or a button to start it."""
+    args = job_args(config)
+    job = jobs.find_job(args, c.cache_root() / "jobs")
+    if job is not None and job.active:
+        watch(job.key)
+        return
+    if job is not None and job.state == "failed":
+        c.show_job(job)
+    if st.button(f"Run: {label}", key=f"run_{config.tag}_{config.target_seed}"):
+        jobs.submit(args, f"counterfactual seed {config.target_seed}, {label}", c.cache_root() / "jobs",
+                    rerun_done=True)  # shown only while no result is stored: a done job lost it
+        st.rerun()
+
+
+st.title("Counterfactual check")
+st.caption("Remove the training images a method blames for a generated image, retrain from scratch with the same "
+           "recipe and seed, regenerate from the same seed (DDIM 50 steps, eta 0), and see what changed. A good "
+           "attribution changes the image more than removing as many random images.")
+ctx = c.model_context()
+if ctx is None:
+    st.stop()
+
+n = len(ctx.train)
+artists = sorted(set(ctx.train.labels or []))
+choices = list(REMOVALS) + [f"artist:{a}" for a in artists]
+if "cf_method" not in st.session_state:
+    linked = st.query_params.get("cf_method", "dtrak")
+    st.session_state["cf_method"] = linked if linked in choices else "dtrak"
+if "cf_k" not in st.session_state:
+    try:
+        st.session_state["cf_k"] = resolve_k(int(st.query_params["cf_k"]) if "cf_k" in st.query_params else None, n)
+    except ValueError:
+        st.warning(f"Ignoring the link's cf_k: expected a number of images between 1 and {n - 1}.")
+        st.session_state["cf_k"] = resolve_k(None, n)
+
+cols = st.columns(3)
+cols[0].number_input("Target seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
+method = cols[1].selectbox("Remove", choices, key="cf_method",
+                           format_func=lambda m: REMOVALS.get(m, f"every image by {m[len('artist:'):]}"))
+k = int(cols[2].number_input(f"k (default {DEFAULT_FRACTION:.0%} of {n})", min_value=1, max_value=n - 1, step=1,
+                             key="cf_k", disabled=method.startswith("artist:")))
+seed = int(st.session_state["seed"])
+c.sync_url(cf_method=method, cf_k=k)
+
+folder = results_dir(ctx.entry.model_dir)
+config = CounterfactualConfig(ctx.entry.model_dir, seed, method, None if method.startswith("artist:") else k,
+                              results_dir=str(folder))
+baseline = CounterfactualConfig(ctx.entry.model_dir, seed, "random", k if not method.startswith("artist:") else
+                                len([a for a in (ctx.train.labels or []) if a == method[len("artist:"):]]),
+                                results_dir=str(folder))
+
+label = REMOVALS.get(method, f"every image by {method[len('artist:'):]}")
+left, right = st.columns(2)
+with left:
+    record = stored_result(config, n, ctx.content_hash)
+    if record is not None:
+        show_record(record, label)
+    else:
+        st.markdown(f"**{label}**")
+        st.image(c.upscale(c.samples(ctx.entry.model_dir, ctx.content_hash, (seed,))[0], 160),
+                 caption=f"seed {seed} (before); no stored result for this removal yet")
+        run_or_progress(config, label)
+with right:
+    if method == "random":
+        st.info("This is the random baseline itself; pick D-TRAK or TRAK to compare with it.")
+    else:
+        base = stored_result(baseline, n, ctx.content_hash)
+        if base is not None:
+            show_record(base, f"baseline: {base['k']} random images")
+            if record is not None:
+                delta = record["pixel_l2"] - base["pixel_l2"]
+                st.caption(f"{label} changed the image {'more' if delta > 0 else 'less'} than the random baseline "
+                           f"(L2 {record['pixel_l2']:.3f} vs {base['pixel_l2']:.3f}).")
+        else:
+            st.markdown(f"**baseline: {baseline.k} random images**")
+            st.caption("No stored baseline for this seed and k yet.")
+            run_or_progress(baseline, f"{baseline.k} random images")
+
+records = [r for r in load_results(folder) if r.get("model_hash") == ctx.content_hash]
+st.subheader("All stored experiments of this model")
+if records:
+    st.dataframe(pd.DataFrame(summarize(records)), hide_index=True)
+    st.caption(f"from {folder}; the command line's batch mode adds more "
+               "(`python -m dtrak_core counterfactual --target-seed 0-59 --method dtrak trak random`).")
+else:
+    st.caption(f"None yet in {folder}.")

@@ -1,0 +1,71 @@
+"""Benchmark and Counterfactual pages, headless with AppTest."""
+
+from __future__ import annotations
+
+import json
+
+from streamlit.testing.v1 import AppTest
+
+from tests.app_eval.conftest import PAGES
+
+
+def run(page: str, **params: str) -> AppTest:
+    app = AppTest.from_file(str(PAGES / page), default_timeout=90)
+    app.query_params.update(params)
+    return app.run()
+
+
+def test_benchmark_shows_the_table_bars_and_a_targets_scatter(eval_vars):
+    app = run("benchmark.py", lds_method="pixel", lds_kind="generated", lds_target="1")
+    assert not app.exception
+    assert "Complete: 4 of 4 reported subsets" in app.success[0].value
+    table = app.dataframe[0].value
+    assert "raw pixel cosine" in table["method"].tolist()
+    results = json.loads((eval_vars.lds_dir / "results" / "lds.json").read_text())
+    expected = results["entries"]["pixel"]["kinds"]["validation"]["mean"]
+    row = table[table["method"] == "raw pixel cosine"].iloc[0]
+    assert row["LDS % (validation)"] == round(100 * expected, 1)
+    assert table[table["method"] == "D-TRAK (square), K=10"].iloc[0]["95% CI (generated)"] == "pending"
+    bars, scatter = app.get("plotly_chart")
+    assert "error_y" in bars.proto.spec
+    assert "Spearman" in scatter.proto.spec and "over 4 subsets" in scatter.proto.spec
+    per_target = results["entries"]["pixel"]["kinds"]["generated"]["per_target"][1]
+    metric = app.metric[0].value
+    assert metric == "undefined" if per_target is None else metric == f"{per_target:.3f}"
+    assert app.query_params["lds_target"] == "1" and app.query_params["lds_method"] == "pixel"
+
+
+def test_benchmark_without_results_says_how_to_make_them(eval_vars, monkeypatch, tmp_path):
+    monkeypatch.setenv("DTRAK_LDS_DIR", str(tmp_path / "empty"))
+    app = run("benchmark.py")
+    assert not app.exception
+    assert "lds build" in app.info[0].value
+
+
+def test_counterfactual_shows_stored_result_beside_the_random_baseline(eval_vars):
+    app = run("counterfactual.py", seed="1", cf_method="dtrak", cf_k="4")
+    assert not app.exception
+    labels = [m.label for m in app.metric]
+    assert labels.count("pixel L2 (higher = bigger change)") == 2  # method and random baseline
+    record = json.loads((eval_vars.cf_dir / "seed-1" / "dtrak-k4.json").read_text())
+    assert app.metric[0].value == f"{record['pixel_l2']:.3f}"
+    assert app.metric[1].value == f"{record['ssim']:.3f}"
+    summary = app.dataframe[0].value
+    assert set(summary["removal"]) == {"dtrak (k=4)", "random (k=4)"}
+    assert app.query_params["cf_method"] == "dtrak"
+
+
+def test_counterfactual_without_a_result_offers_a_background_job(eval_vars, monkeypatch):
+    from dtrak_core import jobs
+
+    submitted = []
+    monkeypatch.setattr(jobs, "submit", lambda args, description="", root=None, **kw: submitted.append(args))
+    app = run("counterfactual.py", seed="2", cf_method="trak", cf_k="3")
+    assert not app.exception
+    assert not app.metric  # nothing stored for seed 2
+    run_buttons = [b for b in app.button if b.label.startswith("Run: ")]
+    assert [b.label for b in run_buttons] == ["Run: TRAK top-k proponents", "Run: 3 random images"]
+    run_buttons[0].click().run()
+    assert submitted and submitted[0][:6] == ["counterfactual", "--model", str(eval_vars.model_dir),
+                                              "--target-seed", "2", "--method"]
+    assert submitted[0][6] == "trak" and submitted[0][-2:] == ["--k", "3"]

@@ -1,0 +1,57 @@
+"""``python -m dtrak_core lds ...`` and ``counterfactual``: wiring, errors, a small full run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dtrak_core.cli import build_parser, main
+
+
+def test_subcommands_are_wired_into_the_main_parser():
+    parser = build_parser()
+    args = parser.parse_args(["lds", "build", "--subsets", "8", "--seeds", "3"])
+    assert args.subsets == 8 and args.seeds == [0, 1, 2]
+    assert parser.parse_args(["lds", "build", "--seeds", "0,4"]).seeds == [0, 4]
+    args = parser.parse_args(["counterfactual", "--target-seed", "0-2", "--method", "dtrak", "random"])
+    assert args.target_seed == [0, 1, 2] and args.method == ["dtrak", "random"]
+
+
+def test_bad_input_ends_with_one_sentence(tiny_model_dir, tmp_path, capsys):
+    assert main(["lds", "build", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"), "--subsets", "1"]) == 2
+    assert "--subsets 1 must be at least 2" in capsys.readouterr().err
+    assert main(["lds", "build", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["counterfactual", "--model", str(tiny_model_dir), "--target-seed", "0", "--method", "bogus"]) == 2
+    assert "unknown attribution method 'bogus'" in capsys.readouterr().err
+    assert main(["lds", "score", "--build", str(tmp_path / "nothing")]) == 2
+    assert "run 'lds build' first" in capsys.readouterr().err
+
+
+def test_build_score_and_report_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "build"
+    common = ["--model", str(tiny_model_dir), "--out", str(out), "--subsets", "3", "--tuning-subsets", "0",
+              "--seeds", "1", "--measure-timesteps", "2", "--generated-seeds", "0-2", "--no-progress"]
+    assert main(["lds", "build", *common]) == 0
+    assert "3 of 3 models measured" in capsys.readouterr().out
+    assert main(["lds", "attribute", "--build", str(out), "--entries", "pixel", "random", "--no-progress"]) == 0
+    assert "pixel: written" in capsys.readouterr().out
+
+    # A stored (targets, train) matrix scored directly.
+    targets = json.loads((out / "targets" / "targets.json").read_text())
+    matrix = np.random.default_rng(0).normal(size=(len(targets["kinds"]), 10)).astype(np.float32)
+    np.save(tmp_path / "scores.npy", matrix)
+    assert main(["lds", "score", "--build", str(out), "--scores", str(tmp_path / "scores.npy"),
+                 "--bootstrap", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "generated: LDS" in printed and "3 subsets" in printed
+
+    report = tmp_path / "lds.md"
+    assert main(["lds", "score", "--build", str(out), "--bootstrap", "10", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "| raw pixel cosine |" in text and "| D-TRAK (square), K=10 | pending | pending |" in text
+    assert "lds score" in text
+    np.save(tmp_path / "bad.npy", matrix[:, :4])
+    assert main(["lds", "score", "--build", str(out), "--scores", str(tmp_path / "bad.npy")]) == 2
+    assert "do not match" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""The LDS build end to end on a tiny model: retrain, measure, resume, score, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dtrak_core.evaluation.lds import (LdsBuildConfig, Targets, build_lds, build_progress, job_queue, load_outputs,
+                                       measure_timesteps, output_path, subset_train_config)
+from dtrak_core.evaluation.subsets import SubsetPlan
+from tests.conftest import write_image_folder
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model trained by our trainer on 20 images of 2 artists (4 validation images)."""
+    from dtrak_core.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("lds")
+    data = write_image_folder(root / "data", n=24, size=16)
+    config = TrainConfig(data_dir=str(data), out_dir=str(root / "model"), preset="tiny", image_size=16,
+                         steps=8, batch_size=4, warmup_steps=2, checkpoint_every=4, keep_checkpoints=True)
+    return train(config, progress=False), root
+
+
+def _config(model: Path, out: Path, **changes) -> LdsBuildConfig:
+    base = dict(model_dir=str(model), out_dir=str(out), num_subsets=3, num_tuning_subsets=2, seeds=[0],
+                measure_timesteps=3, generated_seeds=[0, 1], sampler_steps=2, checkpoint_every=2)
+    base.update(changes)
+    return LdsBuildConfig(**base)
+
+
+def test_measure_timesteps_are_offset_uniform():
+    assert measure_timesteps(100)[:3] == [5, 15, 25] and measure_timesteps(100)[-1] == 995
+    assert measure_timesteps(4) == [125, 375, 625, 875]
+
+
+def test_subset_config_follows_the_recipe_with_the_same_epochs(tiny_setup):
+    model, _ = tiny_setup
+    recipe = json.loads((model / "recipe.json").read_text())
+    config = subset_train_config(recipe["config"], [0, 2, 4, 6, 8], seed=3, out_dir="x")
+    assert config.subset == [0, 2, 4, 6, 8] and config.seed == 3
+    assert config.steps == round(8 * 5 / 20) and config.warmup_steps == round(2 * 5 / 20)
+    assert (config.batch_size, config.learning_rate, config.preset) == (4, recipe["config"]["learning_rate"], "tiny")
+    same_steps = subset_train_config(recipe["config"], [0, 1], 0, "x", steps_rule="steps")
+    assert same_steps.steps == 8
+    # A recipe that itself trained on a subset: indices compose.
+    nested = subset_train_config({**recipe["config"], "subset": [10, 11, 12, 13]}, [1, 3], 0, "x", "steps")
+    assert nested.subset == [11, 13]
+
+
+def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tiny_setup, monkeypatch, tmp_path):
+    model, _ = tiny_setup
+    out = tmp_path / "build"
+    config = _config(model, out)
+    trained: list[str] = []
+    resumed_from: dict[str, int] = {}
+    import torch
+
+    import dtrak_core.training as training
+
+    original = training.train
+
+    def recording_train(train_config, progress=True):
+        # build_lds imports the trainer when it runs, so patching the module attribute records
+        # every model it trains, and the step each one starts from.
+        name = Path(train_config.out_dir).name
+        trained.append(name)
+        state = Path(train_config.out_dir) / training.STATE_FILE
+        resumed_from[name] = int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
+        return original(train_config, progress=False)
+
+    monkeypatch.setattr(training, "train", recording_train)
+
+    first = build_lds(config, progress=False, max_models=2)
+    plan = SubsetPlan.load(out)
+    queue = [j.name for j in job_queue(config, plan)]
+    assert first == {"done": 2, "total": 5}
+    assert trained == queue[:2]
+    # Subset weights are deleted after measuring; outputs hold one loss per target.
+    targets = Targets.load(out / "targets")
+    assert len(targets.indices("validation")) == 4 and len(targets.indices("generated")) == 2
+    record = json.loads(output_path(out, queue[0]).read_text())
+    assert len(record["losses"]) == 6 and not (out / "runs" / queue[0]).exists()
+    assert record["num_train_images"] == 10  # half of each artist's 10 training images
+    before = output_path(out, queue[0]).read_bytes()
+
+    # A model killed mid-training: its folder and a checkpoint at step 2 exist, no output. The
+    # next run must train exactly the three unfinished models, in queue order, resuming that one.
+    job = job_queue(config, plan)[2]
+    partial = subset_train_config(json.loads((model / "recipe.json").read_text())["config"],
+                                  plan.get(job.subset).indices, job.seed, out / "runs" / job.name,
+                                  checkpoint_every=config.checkpoint_every)
+    assert partial.steps > 2
+    original(partial.__class__(**{**partial.__dict__, "steps": 2}), progress=False)
+    trained.clear()
+    resumed_from.clear()
+    second = build_lds(config, progress=False)
+    assert second == {"done": 5, "total": 5}
+    assert trained == queue[2:]
+    assert resumed_from == {queue[2]: 2, queue[3]: 0, queue[4]: 0}
+    assert json.loads(output_path(out, queue[2]).read_text())["steps"] == partial.steps
+    assert output_path(out, queue[0]).read_bytes() == before
+    assert build_lds(config, progress=False) == {"done": 5, "total": 5}
+    assert trained == queue[2:]  # nothing retrained
+
+    # Settings that change the meaning of the numbers cannot be mixed into the build.
+    with pytest.raises(ValueError, match="measure_timesteps"):
+        build_lds(_config(model, out, measure_timesteps=5), progress=False)
+
+    tune, report = load_outputs(out, "tune"), load_outputs(out, "report")
+    assert (tune.num_subsets, report.num_subsets) == (2, 3)
+    assert report.masks.shape == (3, 20) and report.losses.shape == (3, 6)
+    progress = build_progress(out)
+    assert progress["report"]["models_done"] == 3 and progress["median_train_seconds"] is not None
+
+    from dtrak_core.evaluation.lds_scores import GridEntry, compute_scores, evaluate, load_scores, write_report
+
+    grid = [GridEntry("dtrak-K2", "D-TRAK, K=2", "dtrak", 2), GridEntry("pixel", "raw pixel cosine", "pixel", None),
+            GridEntry("random", "random", "random", None),
+            GridEntry("tracin-K2", "TracIn, K=2", "tracin", 2, None, "checkpoints"),
+            GridEntry("ensemble-K2", "D-TRAK ensemble, K=2", "dtrak", 2, None, "ensemble")]
+    status = compute_scores(out, grid, lambdas=[0.1, 10.0], projection_dim=32, feature_root=tmp_path / "features",
+                            progress=False)
+    assert status == {"dtrak-K2": "written", "pixel": "written", "random": "written", "tracin-K2": "written",
+                      "ensemble-K2": "skipped: no finished ensemble retrains yet"}
+    # TracIn = the mean over the two kept checkpoints of target . train feature dot products.
+    tracin = load_scores(out / "scores" / "tracin-K2.npz")[1]
+    assert tracin.shape == (1, 6, 20) and np.isfinite(tracin).all()
+    # One full-data retrain with another seed makes the ensemble: the mean of the two models' scores.
+    assert build_lds(_config(model, out, ensemble_seeds=[1]), progress=False) == {"done": 6, "total": 6}
+    assert (out / "runs" / "ensemble-s1" / "model_index.json").exists()  # ensemble models are kept
+    assert compute_scores(out, grid[-1:], lambdas=[0.1, 10.0], projection_dim=32,
+                          feature_root=tmp_path / "features", progress=False) == {"ensemble-K2": "written"}
+    single = load_scores(out / "scores" / "dtrak-K2.npz")[1]
+    ensemble = load_scores(out / "scores" / "ensemble-K2.npz")[1]
+    assert not np.allclose(single, ensemble)
+    from dtrak_core.attribution.featurizer import FeatureSettings
+    from dtrak_core.attribution.methods import score_targets
+    from dtrak_core.attribution.pipeline import load_model, load_training_set
+
+    train_set = load_training_set(load_model(model))
+    other = score_targets("dtrak", [load_model(out / "runs" / "ensemble-s1")], train_set, targets.images,
+                          FeatureSettings(num_timesteps=2, projection_dim=32), [0.1], tmp_path / "features")[0.1]
+    assert ensemble[0] == pytest.approx((single[0] + other) / 2, rel=1e-4, abs=1e-6)
+    assert compute_scores(out, grid, lambdas=[0.1, 10.0], projection_dim=32, feature_root=tmp_path / "features",
+                          progress=False)["dtrak-K2"] == "cached"
+    lambdas, scores = load_scores(out / "scores" / "dtrak-K2.npz")
+    assert lambdas.tolist() == [0.1, 10.0] and scores.shape == (2, 6, 20)
+
+    results = evaluate(out, grid, num_bootstrap=20)
+    val = results["entries"]["dtrak-K2"]["kinds"]["validation"]
+    assert val["status"] == "measured" and val["lambda"] in (0.1, 10.0)
+    assert val["report_subsets"] == 3 and len(val["per_target"]) == 4
+    assert set(val["tune_lds_by_lambda"]) == {"0.1", "10"}
+    assert results["entries"]["random"]["kinds"]["generated"]["lambda"] is None
+    assert results["entries"]["tracin-K2"]["kinds"]["validation"]["status"] == "measured"
+    with np.load(out / "results" / "predictions.npz") as predictions:
+        assert predictions["pixel/generated"].shape == (2, 3)
+
+    report_path = write_report(out, tmp_path / "lds.md", "python -m dtrak_core lds report", grid)
+    text = report_path.read_text()
+    assert "Ensemble retrains done: 1 of 1" in text
+    assert "PARTIAL" not in text and "| D-TRAK, K=2 |" in text and "lds report" in text
+
+
+def test_job_queue_orders_seeds_first_and_reaches_two_tuning_and_two_reported_subsets_early():
+    from dtrak_core.evaluation.subsets import make_plan
+
+    plan = make_plan(["a", "b"] * 10, num_report=8, num_tune=4)
+    config = LdsBuildConfig(model_dir="m", out_dir="o", num_subsets=8, num_tuning_subsets=4, seeds=[0, 1],
+                            ensemble_seeds=[5])
+    names = [j.name for j in job_queue(config, plan)]
+    assert sorted(n[:4] for n in names[:4]) == ["repo", "repo", "tune", "tune"]
+    first_pass = names[:12]
+    assert sorted(first_pass) == sorted(f"{s.name}-s0" for s in plan.subsets)
+    assert names[12] == "ensemble-s5"
+    assert sorted(names[13:]) == sorted(f"{s.name}-s1" for s in plan.subsets)

@@ -1,0 +1,122 @@
+"""Spearman, LDS and image metrics against scipy and brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from dtrak_core.evaluation.metrics import (gaussian_window, lds_per_target, lds_summary, pixel_l2, spearman,
+                                           ssim, subset_predictions)
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, (7, 30)).astype(float)   # many ties
+    y = rng.normal(size=(7, 30)) + 0.3 * x
+    ours = spearman(x, y)
+    for i in range(7):
+        assert ours[i] == pytest.approx(spearmanr(x[i], y[i]).statistic, abs=1e-12)
+
+
+def test_spearman_of_constant_row_is_nan_and_shapes_are_checked():
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match="one shape"):
+        spearman(np.ones(5), np.ones(4))
+    with pytest.raises(ValueError, match="at least 2"):
+        spearman(np.ones(1), np.ones(1))
+
+
+def _linear_datamodel(seed: int = 0, n: int = 40, M: int = 60, T: int = 6, noise: float = 0.05):
+    """Losses from a known linear datamodel: loss(S, x_i) = c_i - sum_{j in S} tau_ij + noise."""
+    rng = np.random.default_rng(seed)
+    tau = rng.normal(size=(T, n))
+    masks = rng.random((M, n)) < 0.5
+    losses = 3.0 - masks.astype(float) @ tau.T + noise * rng.normal(size=(M, T))
+    return tau, masks, losses
+
+
+def test_lds_is_near_one_for_the_true_datamodel_and_near_zero_for_random_scores():
+    tau, masks, losses = _linear_datamodel()
+    truth = lds_per_target(tau, masks, losses)
+    assert truth.min() > 0.9
+    random = lds_per_target(np.random.default_rng(1).normal(size=tau.shape), masks, losses)
+    assert abs(random.mean()) < 0.2
+    # The sign convention: negated scores (opponents as proponents) give -LDS.
+    assert lds_per_target(-tau, masks, losses) == pytest.approx(-truth)
+
+
+def test_lds_per_target_equals_scipy_on_the_explicit_predictions():
+    tau, masks, losses = _linear_datamodel(noise=2.0)
+    scores = tau + np.random.default_rng(3).normal(size=tau.shape)
+    ours = lds_per_target(scores, masks, losses)
+    for i in range(len(tau)):
+        prediction = [scores[i, masks[m]].sum() for m in range(len(masks))]   # sum over j in S_m
+        assert ours[i] == pytest.approx(spearmanr(prediction, -losses[:, i]).statistic, abs=1e-10)
+    assert subset_predictions(scores, masks)[2, 5] == pytest.approx(scores[2, masks[5]].sum())
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
+    tau, masks, losses = _linear_datamodel(noise=3.0)
+    noisy = tau + np.random.default_rng(5).normal(size=tau.shape)
+    a = lds_summary(noisy, masks, losses, num_bootstrap=200, seed=1)
+    b = lds_summary(noisy, masks, losses, num_bootstrap=200, seed=1)
+    assert a == b
+    assert a.ci_low < a.mean < a.ci_high
+    assert a.num_subsets == len(masks) and a.num_targets == len(tau)
+    assert a.mean == pytest.approx(np.mean(lds_per_target(noisy, masks, losses)))
+
+
+def test_lds_rejects_mismatched_inputs():
+    tau, masks, losses = _linear_datamodel()
+    with pytest.raises(ValueError, match="do not match"):
+        lds_per_target(tau, masks, losses[:, :3])
+    with pytest.raises(ValueError, match="bool"):
+        lds_per_target(tau, masks.astype(int), losses)
+    with pytest.raises(ValueError, match="cover"):
+        lds_per_target(tau[:, :10], masks, losses)
+
+
+def test_pixel_l2_on_uint8_and_float():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255
+    b[1, 2, 1] = 51
+    assert pixel_l2(a, b) == pytest.approx(np.sqrt(1.0 + 0.2 ** 2))
+    assert pixel_l2(a / 255.0, b / 255.0) == pytest.approx(pixel_l2(a, b))
+    with pytest.raises(ValueError, match="one shape"):
+        pixel_l2(a, b[:3])
+
+
+def _ssim_brute_force(a: np.ndarray, b: np.ndarray, sigma: float = 1.5, radius: int = 5) -> float:
+    """SSIM with explicit loops over pixels and window offsets (edge mirrored: d c b a | a b c d)."""
+    w = gaussian_window(sigma, radius)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    h, width, channels = a.shape
+    pa = np.pad(a, ((radius, radius), (radius, radius), (0, 0)), mode="symmetric")
+    pb = np.pad(b, ((radius, radius), (radius, radius), (0, 0)), mode="symmetric")
+    values = []
+    for c in range(channels):
+        for y in range(h):
+            for x in range(width):
+                wa = pa[y:y + 2 * radius + 1, x:x + 2 * radius + 1, c]
+                wb = pb[y:y + 2 * radius + 1, x:x + 2 * radius + 1, c]
+                ma, mb = (w * wa).sum(), (w * wb).sum()
+                va = (w * (wa - ma) ** 2).sum()
+                vb = (w * (wb - mb) ** 2).sum()
+                cov = (w * (wa - ma) * (wb - mb)).sum()
+                values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_matches_brute_force_and_orders_changes():
+    rng = np.random.default_rng(0)
+    a = rng.random((12, 12, 3))
+    small = np.clip(a + 0.05 * rng.normal(size=a.shape), 0, 1)
+    large = np.clip(a + 0.4 * rng.normal(size=a.shape), 0, 1)
+    assert ssim(a, small) == pytest.approx(_ssim_brute_force(a, small), abs=1e-10)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, small) == pytest.approx(ssim(small, a))
+    assert 1.0 > ssim(a, small) > ssim(a, large)
+    uint8 = (a * 255).round().astype(np.uint8)
+    assert ssim(uint8, uint8) == pytest.approx(1.0)
