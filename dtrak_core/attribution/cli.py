@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -219,15 +218,3 @@ def _bench(args: argparse.Namespace) -> int:
                              name=args.name, command=" ".join(sys.argv))
     print(f"benchmark written to {report['paths']['markdown']}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m dtrak_core.attribution.cli``) until the main CLI wires us in."""
-    parser = argparse.ArgumentParser(prog="dtrak-attribution")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

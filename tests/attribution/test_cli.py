@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.attribution.conftest import synthetic_images, write_image_folder
-from dtrak_core.attribution.cli import main
+from dtrak_core.cli import main
 from dtrak_core.models import UNET_PRESETS, make_scheduler, save_pipeline
 
 FAST = ["-K", "2", "-k", "256", "--device", "cpu", "--no-progress"]

@@ -61,7 +61,7 @@ def test_without_recipe_the_whole_folder_is_the_training_set(model_dir, image_fo
 def test_cli_featurize_and_score_the_recipe_selection(model_dir, tmp_path, capsys):
     import pandas as pd
 
-    from dtrak_core.attribution.cli import main
+    from dtrak_core.cli import main
 
     data = write_image_folder(tmp_path / "data", synthetic_images(6))
     add_recipe(model_dir, data, train_files=["img_001.png", "img_003.png", "img_005.png"])
