@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from dtrak_core.evaluation.subsets import SubsetPlan, make_plan
-from dtrak_core.io import write_bytes_atomic, write_json_atomic
+from dtrak_core.io import try_lock, write_bytes_atomic, write_json_atomic
 from dtrak_core.progress import progress_bar
 
 BUILD_FILE = "lds.json"
@@ -332,6 +332,51 @@ def _check_or_write_build_file(config: LdsBuildConfig, model_hash: str, recipe: 
     write_json_atomic(path, record)
 
 
+def _run_dir(config: LdsBuildConfig, job: ModelJob) -> Path:
+    return ensemble_model_dir(config, job.seed) if job.subset is None else config.work / job.name
+
+
+def _remove_finished_model(config: LdsBuildConfig, job: ModelJob) -> None:
+    """Delete a measured subset model's weights (a kill between measuring and deleting leaves them)."""
+    run_dir = _run_dir(config, job)
+    if job.subset is not None and not config.keep_models and run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict, targets: Targets,
+                       timesteps: Sequence[int], progress: bool, bar) -> None:
+    """Train one model of the queue (resuming its checkpoint), measure the targets, write its output file."""
+    from dtrak_core.models import model_hash
+    from dtrak_core.training import TrainConfig, train
+
+    run_dir = _run_dir(config, job)
+    if job.subset is None:
+        train_config = replace(TrainConfig(**recipe["config"]), seed=job.seed, out_dir=str(run_dir),
+                               checkpoint_every=min(config.checkpoint_every, recipe["config"]["steps"]),
+                               keep_checkpoints=False)
+    else:
+        train_config = subset_train_config(recipe["config"], plan.get(job.subset).indices, job.seed,
+                                           run_dir, config.steps_rule, config.checkpoint_every)
+    started = time.time()
+    train(train_config, progress=progress)
+    train_seconds = time.time() - started
+    started = time.time()
+    losses = measure_losses(run_dir, targets.images, timesteps, config.measure_seed, config.measure_noise)
+    measure_seconds = time.time() - started
+    recipe_out = json.loads((run_dir / "recipe.json").read_text())
+    write_json_atomic(output_path(config.out_dir, job.name), {
+        "job": job.name, "subset": job.subset, "seed": job.seed, "steps": train_config.steps,
+        "num_train_images": recipe_out["num_train_images"], "model_hash": model_hash(run_dir),
+        "final_loss_ema": recipe_out.get("final_loss_ema"), "losses": losses.tolist(),
+        # The trainer's own clock covers all sessions of a resumed run; ours only this one.
+        "train_seconds": recipe_out.get("wall_seconds", round(train_seconds, 1)),
+        "measure_seconds": round(measure_seconds, 2)})
+    _remove_finished_model(config, job)
+    bar.update(1)
+    bar.write(f"{job.name}: trained {train_config.steps} steps in {recipe_out.get('wall_seconds')} s, "
+              f"measured in {measure_seconds:.1f} s, mean target loss {losses.mean():.4f}")
+
+
 def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | None = None) -> dict:
     """Run (or resume) an LDS build; returns {"done": models finished, "total": models planned}.
 
@@ -340,7 +385,6 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
     """
     from dtrak_core.attribution.pipeline import load_model, load_training_set
     from dtrak_core.models import model_hash
-    from dtrak_core.training import train
 
     config.validate()
     full_model = load_model(config.model_dir)  # a clear error for a folder that is not a pipeline
@@ -384,43 +428,18 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
     bar = progress_bar(total=len(jobs), initial=len(done), desc="lds models", unit="model", disable=not progress)
     trained = 0
     for job in jobs:
-        run_dir = ensemble_model_dir(config, job.seed) if job.subset is None else config.work / job.name
         if output_path(out, job.name).exists():
-            # Finished before a kill could delete its weights: clean up now.
-            if job.subset is not None and not config.keep_models and run_dir.exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_finished_model(config, job)
             continue
         if max_models is not None and trained >= max_models:
             break
-        if job.subset is None:
-            from dtrak_core.training import TrainConfig
-
-            train_config = replace(TrainConfig(**recipe["config"]), seed=job.seed, out_dir=str(run_dir),
-                                   checkpoint_every=min(config.checkpoint_every, recipe["config"]["steps"]),
-                                   keep_checkpoints=False)
-        else:
-            train_config = subset_train_config(recipe["config"], plan.get(job.subset).indices, job.seed,
-                                               run_dir, config.steps_rule, config.checkpoint_every)
-        started = time.time()
-        train(train_config, progress=progress)
-        train_seconds = time.time() - started
-        started = time.time()
-        losses = measure_losses(run_dir, targets.images, timesteps, config.measure_seed, config.measure_noise)
-        measure_seconds = time.time() - started
-        recipe_out = json.loads((run_dir / "recipe.json").read_text())
-        write_json_atomic(output_path(out, job.name), {
-            "job": job.name, "subset": job.subset, "seed": job.seed, "steps": train_config.steps,
-            "num_train_images": recipe_out["num_train_images"], "model_hash": model_hash(run_dir),
-            "final_loss_ema": recipe_out.get("final_loss_ema"), "losses": losses.tolist(),
-            # The trainer's own clock covers all sessions of a resumed run; ours only this one.
-            "train_seconds": recipe_out.get("wall_seconds", round(train_seconds, 1)),
-            "measure_seconds": round(measure_seconds, 2)})
-        if job.subset is not None and not config.keep_models:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        # Several workers may share one build (one per core): each model is trained by whichever
+        # worker locks it first; the others move on to the next unfinished model.
+        with try_lock(config.work / f"{job.name}.lock") as mine:
+            if not mine or output_path(out, job.name).exists():
+                continue
+            _train_and_measure(config, job, plan, recipe, targets, timesteps, progress, bar)
         trained += 1
-        bar.update(1)
-        bar.write(f"{job.name}: trained {train_config.steps} steps in {recipe_out.get('wall_seconds')} s, "
-                  f"measured in {measure_seconds:.1f} s, mean target loss {losses.mean():.4f}")
     bar.close()
     finished = sum(output_path(out, j.name).exists() for j in jobs)
     return {"done": finished, "total": len(jobs)}

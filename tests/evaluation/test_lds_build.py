@@ -179,3 +179,20 @@ def test_job_queue_orders_seeds_first_and_reaches_two_tuning_and_two_reported_su
     assert sorted(first_pass) == sorted(f"{s.name}-s0" for s in plan.subsets)
     assert names[12] == "ensemble-s5"
     assert sorted(names[13:]) == sorted(f"{s.name}-s1" for s in plan.subsets)
+
+
+def test_a_model_locked_by_another_worker_is_left_to_it(tiny_setup, tmp_path):
+    import fcntl
+
+    model, _ = tiny_setup
+    out = tmp_path / "build"
+    config = _config(model, out, num_subsets=2, num_tuning_subsets=0)
+    build_lds(config, progress=False, max_models=0)  # plan and targets only
+    first, second = [j.name for j in job_queue(config, SubsetPlan.load(out))]
+    # Another worker holds the first model: this one must train the second and leave the first.
+    with open(config.work / f"{first}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert build_lds(config, progress=False) == {"done": 1, "total": 2}
+        assert output_path(out, second).exists() and not output_path(out, first).exists()
+    # Its lock released (the worker finished or died), the next run takes it.
+    assert build_lds(config, progress=False) == {"done": 2, "total": 2}
