@@ -46,9 +46,13 @@ def show_record(record: dict, title: str) -> None:
                   caption="before (full training set)")
     cols[1].image(c.upscale(np.asarray(Image.open(folder / record["after_png"]).convert("RGB")), 160),
                   caption=f"after removing {record['k']} images")
-    metrics = st.columns(2)
+    has_cosine = "embedding_cosine" in record
+    metrics = st.columns(3 if has_cosine else 2)
     metrics[0].metric("pixel L2 (higher = bigger change)", f"{record['pixel_l2']:.3f}")
     metrics[1].metric("SSIM (lower = bigger change)", f"{record['ssim']:.3f}")
+    if has_cosine:
+        metrics[2].metric("embedding cosine (lower = bigger change)", f"{record['embedding_cosine']:.3f}",
+                          help=f"embedding model {record['embedding_model']}")
     shares = ", ".join(f"{artist}: {count}" for artist, count in sorted(record["removed_by_artist"].items()))
     st.caption(f"removed by artist: {shares}; retrained {record['retrain_steps']} steps")
 

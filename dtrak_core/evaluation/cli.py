@@ -109,6 +109,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--models-dir", type=Path, default=None, help="retrained models (default cache/counterfactual)")
     c.add_argument("--report", type=Path, default=None,
                    help="markdown table (batch mode default: docs/benchmarks/counterfactual.md)")
+    c.add_argument("--embedding-model", type=Path, default=None,
+                   help="local transformers image model folder (e.g. CLIP) for the embedding cosine")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_counterfactual)
 
@@ -233,17 +235,25 @@ def _counterfactual(args: argparse.Namespace) -> int:
     # update() per experiment (not iteration) so a background job's progress file follows too.
     bar = progress_bar(total=len(configs), desc="counterfactual", unit="experiment",
                        disable=args.no_progress or len(configs) == 1)
+    embedder = None
+    if args.embedding_model is not None:
+        from dtrak_core.evaluation.embeddings import load_embedder
+
+        embedder = load_embedder(args.embedding_model)
     for config in configs:
-        r = run_counterfactual(config, progress=not args.no_progress)
+        r = run_counterfactual(config, progress=not args.no_progress, embedder=embedder)
+        cosine = f", embedding cos {r['embedding_cosine']:.3f}" if embedder is not None else ""
         bar.write(f"seed {r['target_seed']} {r['tag']}: removed {r['k']} ({r['removed_by_artist']}), "
-                  f"pixel L2 {r['pixel_l2']:.3f}, SSIM {r['ssim']:.3f}")
+                  f"pixel L2 {r['pixel_l2']:.3f}, SSIM {r['ssim']:.3f}{cosine}")
         bar.update(1)
     bar.close()
     report = args.report or (DEFAULT_CF_REPORT if len(configs) > 1 else None)
     if report:
         command = (f"python -m dtrak_core counterfactual --model {shlex.quote(str(args.model))} --target-seed "
                    f"{','.join(map(str, args.target_seed))} --method {' '.join(map(shlex.quote, args.method))}"
-                   + (f" --k {args.k}" if args.k else "") + f" --report {shlex.quote(str(report))}")
+                   + (f" --k {args.k}" if args.k else "")
+                   + (f" --embedding-model {shlex.quote(str(args.embedding_model))}" if args.embedding_model else "")
+                   + f" --report {shlex.quote(str(report))}")
         write_report(results, report, command)
         print(f"wrote {report}")
     return 0

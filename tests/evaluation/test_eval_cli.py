@@ -55,3 +55,21 @@ def test_build_score_and_report_from_the_command_line(tiny_model_dir, tmp_path, 
     np.save(tmp_path / "bad.npy", matrix[:, :4])
     assert main(["lds", "score", "--build", str(out), "--scores", str(tmp_path / "bad.npy")]) == 2
     assert "do not match" in capsys.readouterr().err
+
+
+def test_counterfactual_batch_with_an_embedding_model(tiny_model_dir, clip_dir, tmp_path, capsys):
+    results, report = tmp_path / "results", tmp_path / "cf.md"
+    args = ["counterfactual", "--model", str(tiny_model_dir), "--target-seed", "0", "--method", "random",
+            "--k", "2", "--results", str(results), "--models-dir", str(tmp_path / "models"), "--no-progress"]
+    assert main([*args, "--report", str(report)]) == 0
+    assert "embedding cos" not in capsys.readouterr().out and "| - | - |" in report.read_text()
+    record_path = results / "seed-0" / "random-k2.json"
+    trained = json.loads(record_path.read_text())
+    # Adding the embedding model later scores the stored images; nothing is retrained.
+    assert main([*args, "--embedding-model", str(clip_dir), "--report", str(report)]) == 0
+    assert "embedding cos" in capsys.readouterr().out
+    record = json.loads(record_path.read_text())
+    assert record["retrain_seconds"] == trained["retrain_seconds"] and -1 <= record["embedding_cosine"] <= 1
+    assert f"| {record['embedding_cosine']:.3f} | {record['embedding_cosine']:.3f} |" in report.read_text()
+    assert main([*args, "--embedding-model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
