@@ -130,6 +130,36 @@ def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, num_b
                       int(M), int(np.isnan(per_target).sum()))
 
 
+def paired_lds_difference(predictions_a: np.ndarray, predictions_b: np.ndarray, losses: np.ndarray,
+                          num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """LDS(a) - LDS(b) on the same targets and subsets, with a paired bootstrap CI over subsets.
+
+    predictions_*: (T, M) predicted outputs of two methods; losses: (M, T) measured losses.
+    Each replicate draws M subsets with replacement and computes both methods' mean LDS on that
+    same draw, so the subset noise the two share cancels (unlike comparing two separate CIs).
+    Returns (difference, CI low, CI high) as fractions; a target undefined for either method
+    is left out of both.
+    """
+    predictions_a, predictions_b = np.asarray(predictions_a, float), np.asarray(predictions_b, float)
+    if predictions_a.shape != predictions_b.shape:
+        raise ValueError(f"prediction shapes differ: {predictions_a.shape} vs {predictions_b.shape}")
+    actual = -np.asarray(losses, dtype=np.float64).T                  # (T, M)
+
+    def difference(pick: np.ndarray) -> float:
+        a = spearman(predictions_a[:, pick], actual[:, pick])
+        b = spearman(predictions_b[:, pick], actual[:, pick])
+        both = np.isfinite(a) & np.isfinite(b)
+        return float(np.mean(a[both] - b[both])) if both.any() else np.nan
+
+    M = actual.shape[1]
+    rng = np.random.default_rng(seed)
+    draws = np.array([difference(rng.integers(0, M, M)) for _ in range(num_bootstrap)])
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.nanpercentile(draws, [100 * alpha, 100 * (1 - alpha)]) if np.isfinite(draws).any() \
+        else (np.nan, np.nan)
+    return difference(np.arange(M)), float(low), float(high)
+
+
 def _as_unit_images(images: np.ndarray) -> np.ndarray:
     """uint8 images -> float64 in [0, 1]; float images are taken as already in [0, 1]."""
     images = np.asarray(images)

@@ -161,8 +161,26 @@ def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tin
     with np.load(out / "results" / "predictions.npz") as predictions:
         assert predictions["pixel/generated"].shape == (2, 3)
 
+    # The paper's ordering: the default claims name the real grid, so here they are pending; a claim
+    # on this grid's entries gives the paired difference of the two per-target LDS means.
+    from dtrak_core.evaluation.lds_scores import ordering_checks
+
+    assert results["ordering"][0]["validation"] == {"verdict": "pending"}
+    with np.load(out / "results" / "predictions.npz") as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    check = ordering_checks(out, arrays, 50, [("d above random", "dtrak-K2", "random")])[0]["validation"]
+    d, r = (np.array(results["entries"][e]["kinds"]["validation"]["per_target"], dtype=float)
+            for e in ("dtrak-K2", "random"))
+    both = np.isfinite(d) & np.isfinite(r)
+    assert check["difference"] == pytest.approx(np.mean(d[both] - r[both]), abs=1e-6)
+    assert check["ci_low"] <= check["ci_high"] and check["verdict"] in (
+        "holds", "reversed", "holds by the mean, CI includes 0", "not shown, CI includes 0")
+    (out / "notes.md").write_text("## Why ours differs\n\nBecause.")
+
     report_path = write_report(out, tmp_path / "lds.md", "python -m dtrak_core lds report", grid)
     text = report_path.read_text()
+    assert "## The paper's ordering, checked" in text and "| square above loss (D-TRAK vs TRAK), K=10 | pending |" in text
+    assert "## Why ours differs\n\nBecause." in text
     assert "Ensemble retrains done: 1 of 1" in text
     assert "PARTIAL" not in text and "| D-TRAK, K=2 |" in text and "lds report" in text
 

@@ -120,3 +120,25 @@ def test_ssim_matches_brute_force_and_orders_changes():
     assert 1.0 > ssim(a, small) > ssim(a, large)
     uint8 = (a * 255).round().astype(np.uint8)
     assert ssim(uint8, uint8) == pytest.approx(1.0)
+
+
+def test_paired_difference_is_the_difference_of_the_means_with_a_ci_that_excludes_0_for_truth_vs_random():
+    from dtrak_core.evaluation.lds_scores import ordering_verdict
+    from dtrak_core.evaluation.metrics import paired_lds_difference
+
+    truth, masks, losses = _linear_datamodel()
+    noise = np.random.default_rng(5).normal(size=truth.shape)
+    a, b = subset_predictions(truth, masks), subset_predictions(noise, masks)
+    difference, low, high = paired_lds_difference(a, b, losses, num_bootstrap=200)
+    expected = lds_per_target(truth, masks, losses).mean() - lds_per_target(noise, masks, losses).mean()
+    assert difference == pytest.approx(expected, abs=1e-12)
+    assert 0 < low <= difference <= high and ordering_verdict(low, high, difference) == "holds"
+    assert paired_lds_difference(b, a, losses, num_bootstrap=200)[0] == pytest.approx(-expected)
+    # The same method against itself: exactly 0 on every resample.
+    assert paired_lds_difference(a, a, losses, num_bootstrap=50) == (0.0, 0.0, 0.0)
+    assert paired_lds_difference(a, b, losses, num_bootstrap=50, seed=3) == \
+        paired_lds_difference(a, b, losses, num_bootstrap=50, seed=3)
+    assert ordering_verdict(-0.3, -0.1, -0.2) == "reversed"
+    assert ordering_verdict(-0.1, 0.2, 0.05) == "holds by the mean, CI includes 0"
+    with pytest.raises(ValueError, match="shapes differ"):
+        paired_lds_difference(a, b[:, :-1], losses)
