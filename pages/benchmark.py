@@ -62,6 +62,21 @@ def table(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ordering_table(checks: list[dict]) -> pd.DataFrame:
+    """One row per claim of the paper's ordering: the paired difference and verdict per target kind."""
+    rows = []
+    for check in checks:
+        row = {"claim": check["claim"]}
+        for kind in TARGET_KINDS:
+            r = check[kind]
+            row[f"difference, points ({kind})"] = round(100 * r["difference"], 1) if "difference" in r else None
+            row[f"95% CI ({kind})"] = (f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+                                       if "difference" in r else "")
+            row[f"verdict ({kind})"] = r["verdict"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def bar_chart(results: dict) -> go.Figure:
     figure = go.Figure()
     for kind in TARGET_KINDS:
@@ -101,6 +116,11 @@ done = report["models_done"] == report["models_total"] and progress["tune"]["mod
     f"{progress['tune']['subsets_with_any_seed']} of {progress['tune']['subsets']} tuning subsets.")
 st.dataframe(table(results), hide_index=True)
 st.plotly_chart(bar_chart(results), width="stretch")
+if results.get("ordering"):
+    st.subheader("The paper's ordering, checked")
+    st.caption("Each claim compares two methods on the same targets and subsets: the LDS difference in points with a "
+               "95% paired bootstrap CI over subsets. 'holds' means the whole CI is above 0.")
+    st.dataframe(ordering_table(results["ordering"]), hide_index=True)
 
 st.subheader("One target: predicted vs actual")
 measured = [e for e in DEFAULT_GRID

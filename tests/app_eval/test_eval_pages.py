@@ -26,6 +26,11 @@ def test_benchmark_shows_the_table_bars_and_a_targets_scatter(eval_vars):
     row = table[table["method"] == "raw pixel cosine"].iloc[0]
     assert row["LDS % (validation)"] == round(100 * expected, 1)
     assert table[table["method"] == "D-TRAK (square), K=10"].iloc[0]["95% CI (generated)"] == "pending"
+    # The paper's ordering: one row per claim, from the stored results (this grid has neither side of
+    # any claim, so every verdict is pending).
+    ordering = app.dataframe[1].value
+    assert ordering["claim"].tolist() == [row["claim"] for row in results["ordering"]]
+    assert set(ordering["verdict (validation)"]) == {"pending"}
     bars, scatter = app.get("plotly_chart")
     assert "error_y" in bars.proto.spec
     assert "Spearman" in scatter.proto.spec and "over 4 subsets" in scatter.proto.spec
