@@ -20,7 +20,7 @@ from PIL import Image
 
 from dtrak_core import jobs, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
-from dtrak_core.attribution.methods import (APP_METHODS, DEFAULT_LAMBDA, METHODS, FeaturesNotReady, Method,
+from dtrak_core.attribution.methods import (APP_METHODS, DEFAULT_LAMBDA, METHODS, Method,
                                             MethodCache, score_targets)
 from dtrak_core.attribution.pipeline import LoadedModel, feature_status, load_model, load_training_set
 from dtrak_core.attribution.score_cache import ScoreCache, score_context, target_key

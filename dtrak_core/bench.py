@@ -69,10 +69,13 @@ def _reset_peak(device: torch.device) -> None:
 def machine_info(device: torch.device) -> dict:
     import diffusers
 
+    """Where a benchmark ran; call it before the benchmark so the load average is other work's."""
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "device": str(device)}
+            "diffusers": diffusers.__version__, "device": str(device),
+            # Other work on the machine slows every row alike; the load says how busy it was.
+            "load_average_1min": round(os.getloadavg()[0], 2)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -210,7 +213,7 @@ def render_markdown(report: dict) -> str:
         f"Command: `{report.get('command') or 'bench_featurize(...)'}`",
         "",
         f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch "
-        f"threads), device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}; torch {m['torch']}, "
+        f"threads{', 1-min load average ' + str(m['load_average_1min']) + ' before the run' if 'load_average_1min' in m else ''}), device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}; torch {m['torch']}, "
         f"diffusers {m['diffusers']}.",
         "",
         f"Model parameters p = {report.get('num_parameters')}; {report['num_samples']} samples, batch "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -105,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO_ROOT))  # the app's own package, as streamlit run would see it
     import torch
 
+    from dtrak_core.bench import machine_info
+
+    machine = machine_info(torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="dtrak-bench-app-") as scratch:
         fresh_cache(args.model, Path(args.cache), Path(scratch))
         os.environ.update(DTRAK_MODEL_DIR=str(Path(args.model).resolve()), DTRAK_MODEL_NAME=Path(args.model).name,
                           DTRAK_HIDE_DEMO="1", DTRAK_CACHE=scratch)
         results = bench_app(args.model, args.repeats)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__}
     report = {"command": "python -m dtrak_core.bench_app " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, **results}
     from dtrak_core.attribution.pipeline import read_recipe
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: {report['model']['path']} ({report['model']['parameters']} parameters, "
         f"{report['model']['train_images']} training images, trained {report['model']['steps_done']} steps; "
         f"weights {report['model']['weights_sha256'][:12]}). Speed does not depend on how far it is trained.", "",
-        f"Machine: {machine['platform']}, {machine['cpus']} CPUs shared with other jobs, torch "
+        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs (1-min load average "
+        f"{machine['load_average_1min']} before the run), torch "
         f"{machine['torch']} with {machine['torch_threads']} thread(s); default settings D-TRAK, K=10, k=2048, "
         "lambda=100; training features already cached. Wall time of `AppTest.run()` (script run, no browser "
         f"drawing), median of {args.repeats}.", "",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from dtrak_core.attribution.featurizer import DEVICES, DTYPES, FeatureSettings
-from dtrak_core.attribution.methods import DEFAULT_LAMBDA, METHODS, TARGET_ID_OFFSET  # noqa: F401
+from dtrak_core.attribution.methods import DEFAULT_LAMBDA, METHODS
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
 from dtrak_core.attribution.projectors import PROJECTOR_KINDS
 
