@@ -20,19 +20,17 @@ failed.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from dtrak_core.io import sha256_json, write_json_atomic
+from dtrak_core.io import hold_lock, sha256_json, write_json_atomic
 from dtrak_core.progress import JOB_DIR_VARIABLE, PROGRESS_FILE
 
 SPEC_FILE = "spec.json"
@@ -191,17 +189,6 @@ def _write_status(folder: Path, job: Job, start_time: str | None) -> None:
         "started": job.started, "finished": job.finished, "message": job.message})
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def submit(args: Sequence[str], description: str = "", root: str | Path | None = None,
            env: dict[str, str] | None = None, identity: object = None, rerun_done: bool = False) -> Job:
     """Start ``python -m dtrak_core <args>`` in the background, unless the same job is queued,
@@ -219,7 +206,7 @@ def submit(args: Sequence[str], description: str = "", root: str | Path | None =
     root = Path(root) if root is not None else default_root()
     key = job_key(args, identity)
     folder = root / key
-    with _locked(root):
+    with hold_lock(root / LOCK_FILE):
         if (folder / SPEC_FILE).exists():
             job = read_job(folder)
             if job.active or (job.state == "done" and not rerun_done):
@@ -266,7 +253,7 @@ def list_jobs(root: str | Path | None = None) -> list[Job]:
 def cancel(key: str, root: str | Path | None = None) -> Job:
     """Stop a queued or running job (SIGTERM to its process group) and mark it cancelled."""
     root = Path(root) if root is not None else default_root()
-    with _locked(root):
+    with hold_lock(root / LOCK_FILE):
         job = get_job(key, root)
         if job is None:
             raise JobError(f"there is no job {key!r} in {root}")
@@ -289,7 +276,7 @@ def _run_supervisor(folder: Path) -> int:
     start_time = _process_start_time(os.getpid())
     job = Job(folder.name, folder, spec["args"], spec.get("description", ""), "running", pid=os.getpid(),
               started=time.time())
-    with _locked(folder.parent):
+    with hold_lock(folder.parent / LOCK_FILE):
         if _read_json(folder / STATUS_FILE).get("state") == "cancelled":
             return 0
         _write_status(folder, job, start_time)
@@ -307,7 +294,7 @@ def _run_supervisor(folder: Path) -> int:
     code = child.wait()
     if stopped:
         return 128 + stopped[0]
-    with _locked(folder.parent):
+    with hold_lock(folder.parent / LOCK_FILE):
         if _read_json(folder / STATUS_FILE).get("state") == "cancelled":
             return code
         job.returncode, job.finished = code, time.time()

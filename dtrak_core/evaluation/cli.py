@@ -216,13 +216,21 @@ def _lds_report(args: argparse.Namespace) -> int:
 
 
 def _counterfactual(args: argparse.Namespace) -> int:
-    from dtrak_core.evaluation.counterfactual import CounterfactualConfig, run_counterfactual, write_report
+    from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, experiment_lock_path, resolve_k,
+                                                      run_counterfactual, write_report)
+    from dtrak_core.io import try_lock
 
     results = args.results or REPO_ROOT / "benchmarks" / "counterfactual" / Path(args.model).resolve().name
+    from dtrak_core.evaluation.lds import read_recipe_config
+
+    # k resolved here (default 20% of the recipe's training images) so that the experiment
+    # names, and the locks workers share, do not depend on how k was given.
+    num_train = read_recipe_config(args.model)["num_train_images"]
     configs = []
     for seed in args.target_seed:
         for method in args.method:
-            config = CounterfactualConfig(model_dir=str(args.model), target_seed=seed, method=method, k=args.k,
+            k = None if method.startswith("artist:") else resolve_k(args.k, num_train)
+            config = CounterfactualConfig(model_dir=str(args.model), target_seed=seed, method=method, k=k,
                                           lam=args.lam, num_timesteps=args.num_timesteps,
                                           projection_dim=args.projection_dim, steps_rule=args.steps_rule,
                                           random_seed=args.random_seed, results_dir=str(results))
@@ -241,7 +249,14 @@ def _counterfactual(args: argparse.Namespace) -> int:
 
         embedder = load_embedder(args.embedding_model)
     for config in configs:
-        r = run_counterfactual(config, progress=not args.no_progress, embedder=embedder)
+        # Several workers may run the same batch (one per core): each experiment is run by the
+        # worker that locks it first; the others go on to the next one.
+        with try_lock(experiment_lock_path(config)) as mine:
+            if not mine:
+                bar.write(f"seed {config.target_seed} {config.tag}: another worker is running it; skipped")
+                bar.update(1)
+                continue
+            r = run_counterfactual(config, progress=not args.no_progress, embedder=embedder)
         cosine = f", embedding cos {r['embedding_cosine']:.3f}" if embedder is not None else ""
         bar.write(f"seed {r['target_seed']} {r['tag']}: removed {r['k']} ({r['removed_by_artist']}), "
                   f"pixel L2 {r['pixel_l2']:.3f}, SSIM {r['ssim']:.3f}{cosine}")

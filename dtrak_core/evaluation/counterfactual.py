@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from dtrak_core.diffusion import derived_seed
-from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
+from dtrak_core.io import atomic_path, hold_lock, sha256_json, write_json_atomic
 from dtrak_core.paths import CACHE_DIR
 
 if TYPE_CHECKING:
@@ -157,6 +157,11 @@ def removal_set(config: CounterfactualConfig, model, train, before: np.ndarray) 
     return top_k_proponents(next(iter(matrices.values()))[0], k)
 
 
+def experiment_lock_path(config: CounterfactualConfig) -> Path:
+    """The lock a worker holds while it runs ``config`` (k resolved), beside the retrained models."""
+    return Path(config.models_dir) / "locks" / f"seed-{config.target_seed}-{config.tag}.lock"
+
+
 def result_path(config: CounterfactualConfig) -> Path:
     """Where the record of ``config`` is stored: ``<results_dir>/seed-<seed>/<tag>.json``."""
     return Path(config.results_dir) / f"seed-{config.target_seed}" / f"{config.tag}.json"
@@ -231,7 +236,10 @@ def run_counterfactual(config: CounterfactualConfig, progress: bool = True, keep
     train_config = subset_train_config(recipe["config"], keep.tolist(), recipe["config"]["seed"], run_dir,
                                        config.steps_rule, checkpoint_every=100)
     started = time.time()
-    train_model(train_config, progress=progress)
+    # Removals that keep the same images (one artist, many targets) share this model: a second
+    # worker waits for the first to finish it, then finds it trained.
+    with hold_lock(run_dir.parent / "locks" / f"model-{key}.lock"):
+        train_model(train_config, progress=progress)
     train_seconds = time.time() - started
     after = generate_one(run_dir, config.target_seed, config.sampler_steps)
     names = train.metadata["file_name"].astype(str).tolist()

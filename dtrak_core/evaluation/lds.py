@@ -220,7 +220,8 @@ def read_recipe_config(model_dir: str | Path) -> dict:
 
     recipe = read_recipe(model_dir)
     if recipe is None:
-        raise ValueError(f"{model_dir} has no recipe.json; LDS retrains need the recipe the model was trained with")
+        raise ValueError(f"{model_dir} has no recipe.json; retraining (LDS, counterfactual) needs the recipe the model "
+                         "was trained with")
     return recipe
 
 

@@ -73,3 +73,23 @@ def test_counterfactual_batch_with_an_embedding_model(tiny_model_dir, clip_dir, 
     assert f"| {record['embedding_cosine']:.3f} | {record['embedding_cosine']:.3f} |" in report.read_text()
     assert main([*args, "--embedding-model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_counterfactual_workers_share_a_batch(tiny_model_dir, tmp_path, capsys):
+    import fcntl
+
+    from dtrak_core.evaluation.counterfactual import CounterfactualConfig, experiment_lock_path
+
+    models = tmp_path / "models"
+    args = ["counterfactual", "--model", str(tiny_model_dir), "--target-seed", "0-1", "--method", "random",
+            "--results", str(tmp_path / "results"), "--models-dir", str(models), "--no-progress"]
+    # k given or left to its default (20% of 10 training images = 2) names the same experiment.
+    held = experiment_lock_path(CounterfactualConfig(str(tiny_model_dir), 0, "random", k=2,
+                                                     models_dir=str(models)))
+    held.parent.mkdir(parents=True)
+    with open(held, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "seed 0 random-k2: another worker is running it; skipped" in out and "seed 1 random-k2: removed 2" in out
+    assert not (tmp_path / "results" / "seed-0").exists() and (tmp_path / "results" / "seed-1" / "random-k2.json").exists()
