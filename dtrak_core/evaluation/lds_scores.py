@@ -24,7 +24,8 @@ import numpy as np
 from dtrak_core.evaluation.lds import (RESULTS_DIR, SCORES_DIR, TARGET_KINDS, TARGETS_DIR,
                                        Targets, build_progress, ensemble_model_dir, load_outputs, output_path,
                                        read_build)
-from dtrak_core.evaluation.metrics import lds_per_target, lds_summary, paired_lds_difference, subset_predictions
+from dtrak_core.evaluation.metrics import (common_factor_share, lds_per_target, lds_summary, paired_lds_difference,
+                                          subset_predictions)
 from dtrak_core.evaluation.subsets import SubsetPlan
 from dtrak_core.io import atomic_path, write_json_atomic
 
@@ -316,6 +317,10 @@ def evaluate(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
             arrays[f"{entry.name}/{kind}"] = matrix
     if report.num_subsets >= 2:
         results["ordering"] = ordering_checks(build_dir, arrays, num_bootstrap)
+        targets = Targets.load(build_dir / TARGETS_DIR)
+        results["common_factor_share"] = {
+            kind: common_factor_share(report.losses[:, targets.indices(kind)])
+            for kind in TARGET_KINDS if len(targets.indices(kind)) >= 2}
     out = build_dir / RESULTS_DIR
     write_json_atomic(out / RESULTS_FILE, results)
     with atomic_path(out / PREDICTIONS_FILE) as tmp:
@@ -417,6 +422,12 @@ def write_report(build_dir: str | Path, out_path: str | Path, command: str,
         lines.append(f"- one subset retrain took {progress['median_train_seconds']:.0f} s (median; trainer's wall "
                      f"clock, one thread) + {progress['median_measure_seconds']:.0f} s measuring, on a CPU "
                      "shared with other jobs")
+    shares = results.get("common_factor_share", {})
+    if shares:
+        lines.append("- shared variation: the first principal component of the reported subsets' losses carries "
+                     + " and ".join(f"{100 * v:.0f}% ({k})" for k, v in shares.items())
+                     + " of their variance across subsets: every target's loss rising or falling together with "
+                     "the subset model, which per-target scores cannot predict; the larger it is, the wider the CIs")
     lines += ["", "| method | ours: validation | ours: generated | lambda (val / gen) | paper val (CIFAR-2) "
               "| paper gen (CIFAR-2) |", "|---|---|---|---|---|---|"]
     for entry in entries:

@@ -160,6 +160,23 @@ def paired_lds_difference(predictions_a: np.ndarray, predictions_b: np.ndarray, 
     return difference(np.arange(M)), float(low), float(high)
 
 
+def common_factor_share(losses: np.ndarray) -> float:
+    """Share of the across-subset variance of the losses carried by their first principal component.
+
+    losses: (M, T) measured outputs. Centre each target's column over the subsets, then return
+    s_1^2 / sum_i s_i^2 from the singular values s. Near 1: the subset models' losses rise and fall
+    together on every target (one model trained better overall), which no per-target attribution
+    can predict, so per-target LDS estimates move together and the CI over subsets is wide.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2 or min(losses.shape) < 2:
+        raise ValueError(f"losses must be (subsets, targets) with at least 2 of each, got shape {losses.shape}")
+    centred = losses - losses.mean(axis=0, keepdims=True)
+    singular = np.linalg.svd(centred, compute_uv=False)
+    total = float((singular ** 2).sum())
+    return float(singular[0] ** 2 / total) if total > 0 else float("nan")
+
+
 def _as_unit_images(images: np.ndarray) -> np.ndarray:
     """uint8 images -> float64 in [0, 1]; float images are taken as already in [0, 1]."""
     images = np.asarray(images)

@@ -181,6 +181,8 @@ def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tin
     text = report_path.read_text()
     assert "## The paper's ordering, checked" in text and "| square above loss (D-TRAK vs TRAK), K=10 | pending |" in text
     assert "## Why ours differs\n\nBecause." in text
+    assert set(results["common_factor_share"]) == {"validation", "generated"}
+    assert f"{100 * results['common_factor_share']['generated']:.0f}% (generated)" in text
     assert "Ensemble retrains done: 1 of 1" in text
     assert "PARTIAL" not in text and "| D-TRAK, K=2 |" in text and "lds report" in text
 

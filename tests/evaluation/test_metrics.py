@@ -142,3 +142,20 @@ def test_paired_difference_is_the_difference_of_the_means_with_a_ci_that_exclude
     assert ordering_verdict(-0.1, 0.2, 0.05) == "holds by the mean, CI includes 0"
     with pytest.raises(ValueError, match="shapes differ"):
         paired_lds_difference(a, b[:, :-1], losses)
+
+
+def test_common_factor_share_is_near_one_for_a_shared_shift_and_small_for_independent_noise():
+    from dtrak_core.evaluation.metrics import common_factor_share
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(40, 1)) + 0.01 * rng.normal(size=(40, 30))
+    assert common_factor_share(shared) > 0.99
+    independent = rng.normal(size=(40, 30))
+    assert common_factor_share(independent) < 0.15
+    # Brute force: the largest eigenvalue of the target covariance over its trace.
+    eig = np.linalg.eigvalsh(np.cov(independent, rowvar=False))
+    assert common_factor_share(independent) == pytest.approx(eig[-1] / eig.sum())
+    # A constant offset per target changes nothing (columns are centred).
+    assert common_factor_share(independent + np.arange(30)) == pytest.approx(common_factor_share(independent))
+    with pytest.raises(ValueError, match="at least 2"):
+        common_factor_share(np.zeros((1, 5)))
