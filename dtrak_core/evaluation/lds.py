@@ -337,11 +337,17 @@ def _run_dir(config: LdsBuildConfig, job: ModelJob) -> Path:
     return ensemble_model_dir(config, job.seed) if job.subset is None else config.work / job.name
 
 
+def _lock_path(config: LdsBuildConfig, job: ModelJob) -> Path:
+    return config.work / f"{job.name}.lock"
+
+
 def _remove_finished_model(config: LdsBuildConfig, job: ModelJob) -> None:
-    """Delete a measured subset model's weights (a kill between measuring and deleting leaves them)."""
+    """Delete a measured subset model's weights (a kill between measuring and deleting leaves them)
+    and its lock file (safe: a worker that still locks the old file finds the output and skips)."""
     run_dir = _run_dir(config, job)
     if job.subset is not None and not config.keep_models and run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
+    _lock_path(config, job).unlink(missing_ok=True)
 
 
 def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict, targets: Targets,
@@ -436,7 +442,7 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
             break
         # Several workers may share one build (one per core): each model is trained by whichever
         # worker locks it first; the others move on to the next unfinished model.
-        with try_lock(config.work / f"{job.name}.lock") as mine:
+        with try_lock(_lock_path(config, job)) as mine:
             if not mine or output_path(out, job.name).exists():
                 continue
             _train_and_measure(config, job, plan, recipe, targets, timesteps, progress, bar)

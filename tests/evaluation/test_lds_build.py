@@ -216,3 +216,4 @@ def test_a_model_locked_by_another_worker_is_left_to_it(tiny_setup, tmp_path):
         assert output_path(out, second).exists() and not output_path(out, first).exists()
     # Its lock released (the worker finished or died), the next run takes it.
     assert build_lds(config, progress=False) == {"done": 2, "total": 2}
+    assert not list(config.work.glob("*.lock"))  # finished models leave no lock files behind
