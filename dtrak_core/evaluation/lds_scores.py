@@ -65,8 +65,8 @@ DEFAULT_GRID: tuple[GridEntry, ...] = (
     GridEntry("elbo-K10", "D-TRAK elbo, K=10", "dtrak", 10, "elbo"),
     GridEntry("cosine-K10", "gradient cosine (square), K=10", "cosine", 10),
     GridEntry("tracin-K10", "TracIn (loss, checkpoints), K=10", "tracin", 10, None, "checkpoints"),
-    GridEntry("relative-K10", "relative influence, K=10", "relative", 10),
-    GridEntry("renormalized-K10", "renormalized influence, K=10", "renormalized", 10),
+    GridEntry("relative-K10", "relative influence (square), K=10", "relative", 10),
+    GridEntry("renormalized-K10", "renormalized influence (square), K=10", "renormalized", 10),
     GridEntry("pixel", "raw pixel cosine", "pixel", None),
     GridEntry("random", "random", "random", None),
     GridEntry("ensemble-K10", "D-TRAK ensemble, K=10", "dtrak", 10, None, "ensemble"),
@@ -97,6 +97,8 @@ ORDERING_CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("K=100 above K=10, D-TRAK", "dtrak-K100", "dtrak-K10"),
     ("square above loss, K=100", "dtrak-K100", "trak-K100"),
     ("ensemble above one model, D-TRAK K=10", "ensemble-K10", "dtrak-K10"),
+    ("D-TRAK above TracIn, K=10", "dtrak-K10", "tracin-K10"),
+    ("D-TRAK above raw pixel, K=10", "dtrak-K10", "pixel"),
     ("D-TRAK above random, K=10", "dtrak-K10", "random"),
 )
 
