@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from dtrak_core.evaluation.lds import (RESULTS_DIR, SCORES_DIR, TARGET_KINDS, TARGETS_DIR,
-                                       Targets, build_progress, ensemble_model_dir, load_outputs, output_path,
+                                       MeasuredOutputs, Targets, build_progress, ensemble_model_dir, load_outputs, output_path,
                                        read_build)
 from dtrak_core.evaluation.metrics import (common_factor_share, lds_per_target, lds_summary, paired_lds_difference,
                                           subset_predictions)
@@ -114,15 +114,15 @@ def ordering_verdict(low: float, high: float, difference: float) -> str:
     return "holds by the mean, CI includes 0" if difference > 0 else "not shown, CI includes 0"
 
 
-def ordering_checks(build_dir: str | Path, predictions: dict[str, np.ndarray], num_bootstrap: int = 1000,
+def ordering_checks(report: MeasuredOutputs, targets: Targets, predictions: dict[str, np.ndarray],
+                    num_bootstrap: int = 1000,
                     claims: Sequence[tuple[str, str, str]] = ORDERING_CLAIMS) -> list[dict]:
     """Each claim of :data:`ORDERING_CLAIMS` per target kind: paired LDS difference (fractions), CI, verdict.
 
     predictions: ``"<entry>/<kind>"`` -> (T_kind, M) predictions on the reported subsets (what
-    :func:`evaluate` computes); a claim whose entries have none yet is "pending".
+    :func:`evaluate` computes); report: the reported subsets' measured outputs; a claim whose
+    entries have none yet is "pending".
     """
-    report = load_outputs(build_dir, "report")
-    targets = Targets.load(Path(build_dir) / TARGETS_DIR)
     checks = []
     for claim, higher, lower in claims:
         row: dict = {"claim": claim, "higher": higher, "lower": lower}
@@ -318,8 +318,8 @@ def evaluate(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
         for kind, matrix in predictions.items():
             arrays[f"{entry.name}/{kind}"] = matrix
     if report.num_subsets >= 2:
-        results["ordering"] = ordering_checks(build_dir, arrays, num_bootstrap)
         targets = Targets.load(build_dir / TARGETS_DIR)
+        results["ordering"] = ordering_checks(report, targets, arrays, num_bootstrap)
         results["common_factor_share"] = {
             kind: common_factor_share(report.losses[:, targets.indices(kind)])
             for kind in TARGET_KINDS if len(targets.indices(kind)) >= 2}

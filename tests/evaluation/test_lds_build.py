@@ -168,7 +168,8 @@ def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tin
     assert results["ordering"][0]["validation"] == {"verdict": "pending"}
     with np.load(out / "results" / "predictions.npz") as stored:
         arrays = {k: stored[k] for k in stored.files}
-    check = ordering_checks(out, arrays, 50, [("d above random", "dtrak-K2", "random")])[0]["validation"]
+    check = ordering_checks(load_outputs(out, "report"), Targets.load(out / "targets"), arrays, 50,
+                            [("d above random", "dtrak-K2", "random")])[0]["validation"]
     d, r = (np.array(results["entries"][e]["kinds"]["validation"]["per_target"], dtype=float)
             for e in ("dtrak-K2", "random"))
     both = np.isfinite(d) & np.isfinite(r)
