@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, artist_removal, generate_one,
+from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, artist_removal, compare_with_baseline,
+                                                  generate_one,
                                                   random_removal, resolve_k, run_counterfactual, summarize,
                                                   top_k_proponents, write_report)
 
@@ -105,3 +106,25 @@ def test_artist_removal_trains_once_for_many_targets_and_reports(tiny_model_dir,
     assert random_row["l2_mean"] == pytest.approx(np.mean(l2)) and random_row["targets"] == 2
     text = write_report(results, tmp_path / "cf.md", "python -m dtrak_core counterfactual ...").read_text()
     assert "| random (k=2) | 2 |" in text and "5.52" in text
+
+
+def _record(method: str, seed: int, l2: float, ssim: float, k: int = 5) -> dict:
+    return {"method": method, "k": k, "target_seed": seed, "pixel_l2": l2, "ssim": ssim}
+
+
+def test_compare_with_baseline_pairs_by_target_and_k_only():
+    records = [_record("random", 0, 2.0, 0.9), _record("random", 1, 4.0, 0.8), _record("random", 2, 9.0, 0.1, k=7),
+               _record("dtrak", 0, 3.0, 0.8), _record("dtrak", 1, 5.0, 0.6), _record("dtrak", 3, 50.0, 0.0),
+               _record("dtrak", 2, 1.0, 0.9),                       # k=5 has no random partner for seed 2
+               _record("trak", 0, 1.0, 0.95), {**_record("artist:a", 0, 7.0, 0.5), "k": 40}]
+    rows = {row["method"]: row for row in compare_with_baseline(records, num_bootstrap=200)}
+    assert set(rows) == {"dtrak", "trak"}                            # artists have no k to match
+    dtrak = rows["dtrak"]
+    assert dtrak["targets"] == 2 and dtrak["l2_ratio"] == pytest.approx(8.0 / 6.0)
+    assert dtrak["l2_difference"] == pytest.approx(1.0) and dtrak["l2_ci"] == pytest.approx((1.0, 1.0))
+    assert dtrak["ssim_difference"] == pytest.approx(-0.15) and dtrak["share_changed_more"] == 1.0
+    assert dtrak["paper_l2_ratio"] == pytest.approx(9.46 / 5.52)
+    assert rows["trak"]["targets"] == 1 and rows["trak"]["share_changed_more"] == 0.0
+    versus_trak = compare_with_baseline(records, "trak", num_bootstrap=200)
+    assert [(r["method"], r["targets"], r["l2_difference"]) for r in versus_trak] == [("dtrak", 1, 2.0),
+                                                                                        ("random", 1, 1.0)]

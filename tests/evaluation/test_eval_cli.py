@@ -82,7 +82,8 @@ def test_counterfactual_workers_share_a_batch(tiny_model_dir, tmp_path, capsys):
 
     models = tmp_path / "models"
     args = ["counterfactual", "--model", str(tiny_model_dir), "--target-seed", "0-1", "--method", "random",
-            "--results", str(tmp_path / "results"), "--models-dir", str(models), "--no-progress"]
+            "--results", str(tmp_path / "results"), "--models-dir", str(models), "--no-progress",
+            "--report", str(tmp_path / "cf.md")]  # never the committed docs/benchmarks/counterfactual.md
     # k given or left to its default (20% of 10 training images = 2) names the same experiment.
     held = experiment_lock_path(CounterfactualConfig(str(tiny_model_dir), 0, "random", k=2,
                                                      models_dir=str(models)))
@@ -93,3 +94,4 @@ def test_counterfactual_workers_share_a_batch(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seed 0 random-k2: another worker is running it; skipped" in out and "seed 1 random-k2: removed 2" in out
     assert not (tmp_path / "results" / "seed-0").exists() and (tmp_path / "results" / "seed-1" / "random-k2.json").exists()
+    assert "| random (k=2) | 1 |" in (tmp_path / "cf.md").read_text()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from dtrak_core.evaluation.metrics import (gaussian_window, lds_per_target, lds_summary, pixel_l2, spearman,
-                                           ssim, subset_predictions)
+from dtrak_core.evaluation.metrics import (gaussian_window, lds_per_target, lds_summary, paired_mean_difference,
+                                           pixel_l2, spearman, ssim, subset_predictions)
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -159,3 +159,18 @@ def test_common_factor_share_is_near_one_for_a_shared_shift_and_small_for_indepe
     assert common_factor_share(independent + np.arange(30)) == pytest.approx(common_factor_share(independent))
     with pytest.raises(ValueError, match="at least 2"):
         common_factor_share(np.zeros((1, 5)))
+
+
+def test_paired_mean_difference_brackets_the_mean_and_ignores_what_pairs_share():
+    rng = np.random.default_rng(3)
+    fragility = rng.gamma(2.0, 2.0, size=30)             # per-target scale both methods share
+    a, b = fragility + 0.5 + rng.normal(0, 0.05, 30), fragility
+    difference, low, high = paired_mean_difference(a, b, num_bootstrap=500, seed=1)
+    assert difference == pytest.approx(np.mean(a - b)) and low <= difference <= high
+    assert low > 0.4 and high < 0.6                       # the shared spread (sd ~2.8) stays out
+    assert paired_mean_difference(a, b, num_bootstrap=500, seed=1) == (difference, low, high)
+    assert paired_mean_difference(b + 1.0, b) == pytest.approx((1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="1-D arrays"):
+        paired_mean_difference(a, b[:-1])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_mean_difference(a, b, confidence=1.5)
