@@ -58,6 +58,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--measure-noise", type=int, default=1, help="noise draws per (target, t)")
     b.add_argument("--generated-seeds", type=_seed_list, default=_seed_list("0-99"))
     b.add_argument("--max-validation", type=int, default=None)
+    b.add_argument("--extra-validation", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="also use the held-out images where COLUMN == VALUE (another selection of the same "
+                   "dataset) as validation targets; may be added to a finished build (repeatable)")
     b.add_argument("--ensemble-seeds", type=_seed_list, default=[],
                    help="also retrain the full model with these seeds (for the D-TRAK ensemble)")
     b.add_argument("--keep-models", action="store_true", help="keep subset models after measuring")
@@ -155,7 +158,7 @@ def _lds_build(args: argparse.Namespace) -> int:
         num_tuning_subsets=args.tuning_subsets, seeds=args.seeds, alpha=args.alpha, subset_seed=args.subset_seed,
         stratify_column=args.stratify_column, steps_rule=args.steps_rule, measure_timesteps=args.measure_timesteps,
         measure_noise=args.measure_noise, generated_seeds=args.generated_seeds, max_validation=args.max_validation,
-        ensemble_seeds=args.ensemble_seeds, keep_models=args.keep_models,
+        ensemble_seeds=args.ensemble_seeds, extra_validation=args.extra_validation, keep_models=args.keep_models,
         work_dir=str(args.work_dir) if args.work_dir else None)
     if args.max_models is not None and args.max_models < 0:
         raise ValueError(f"--max-models {args.max_models} must be >= 0")

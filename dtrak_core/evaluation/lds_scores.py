@@ -15,13 +15,15 @@ with a 95% bootstrap CI over those subsets. :func:`write_report` turns the store
 from __future__ import annotations
 
 import json
+import shlex
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dtrak_core.evaluation.lds import (RESULTS_DIR, SCORES_DIR, TARGET_KINDS, TARGETS_DIR,
+from dtrak_core.evaluation.lds import (RESULTS_DIR, SCORES_DIR, SELECTION_GROUP, TARGET_KINDS, TARGETS_DIR,
                                        MeasuredOutputs, Targets, build_progress, ensemble_model_dir, load_outputs, output_path,
                                        read_build)
 from dtrak_core.evaluation.metrics import (common_factor_share, lds_per_target, lds_summary, paired_lds_difference,
@@ -295,6 +297,14 @@ def evaluate_matrix(build_dir: str | Path, lambdas: np.ndarray, scores: np.ndarr
         per_target = lds_per_target(chosen, report.masks, report.losses[:, rows])
         record.update(summary.to_dict(), status="measured",
                       per_target=[None if np.isnan(v) else float(v) for v in per_target])
+        groups = [targets.groups[i] for i in rows]
+        if len(set(groups)) > 1:
+            # Same lambda and subsets; only the targets averaged differ.
+            record["groups"] = {}
+            for group in dict.fromkeys(groups):
+                mine = np.array([g == group for g in groups])
+                record["groups"][group] = lds_summary(chosen[mine], report.masks, report.losses[:, rows[mine]],
+                                                      num_bootstrap=num_bootstrap).to_dict()
         predictions[kind] = subset_predictions(chosen, report.masks).astype(np.float32)
         results[kind] = record
     return results, predictions
@@ -378,9 +388,40 @@ def build_command(build: dict, build_dir: Path) -> str:
         parts.append(f"--ensemble-seeds {','.join(map(str, build['ensemble_seeds']))}")
     if identity.get("max_validation") is not None:
         parts.append(f"--max-validation {identity['max_validation']}")
+    parts += [f"--extra-validation {shlex.quote(spec)}" for spec in build.get("extra_validation", [])]
     if build.get("work_dir"):
         parts.append(f"--work-dir {build['work_dir']}")
     return " ".join(parts)
+
+
+def _validation_description(targets: Targets) -> str:
+    counts = Counter(targets.groups[i] for i in targets.indices("validation"))
+    own = counts.pop(SELECTION_GROUP, 0)
+    if not counts:
+        return f"{own} validation images (every held-out image of the model's selection)"
+    parts = [f"all {own} held-out images of the model's selection"]
+    parts += [f"{n} held-out images where {group}" for group, n in counts.items()]
+    return f"{len(targets.indices('validation'))} validation images ({' + '.join(parts)})"
+
+
+def _group_table(results: dict, entries: Sequence[GridEntry], targets: Targets) -> list[str]:
+    """LDS on each group of validation targets (only when there is more than one group)."""
+    groups = list(dict.fromkeys(targets.groups[i] for i in targets.indices("validation")))
+    if len(groups) < 2:
+        return []
+    names = {SELECTION_GROUP: "the model's selection"}
+    lines = ["", "### Validation targets by group", "",
+             "The validation column above, split by where the held-out images come from (same lambda, same "
+             "subsets).", "",
+             "| method | " + " | ".join(f"{names.get(g, g)} ({int(np.sum(np.array(targets.groups) == g))})"
+                                       for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for entry in entries:
+        by_group = results["entries"].get(entry.name, {}).get("kinds", {}).get("validation", {}).get("groups", {})
+        if by_group:
+            cells = [_cell({**by_group[g], "status": "measured"}) if g in by_group else "pending" for g in groups]
+            lines.append(f"| {entry.label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(build_dir: str | Path, out_path: str | Path, command: str,
@@ -413,8 +454,7 @@ def write_report(build_dir: str | Path, out_path: str | Path, command: str,
         f"{SubsetPlan.load(build_dir).num_train} training images; alpha = {build['identity']['alpha']}, "
         f"stratified by {build['identity']['stratify_column']}, steps rule "
         f"'{build['identity']['steps_rule']}' (same epochs: half the steps and warm-up on half the data)",
-        f"- targets: {len(targets.indices('validation'))} validation images (every held-out image of the "
-        f"model's selection), "
+        f"- targets: {_validation_description(targets)}, "
         f"{len(targets.indices('generated'))} generated images (DDIM {build['identity']['sampler_steps']} steps)",
         f"- model output: diffusion loss over {build['identity']['measure_timesteps']} timesteps x "
         f"{build['identity']['measure_noise']} noise draw(s), identical for every model, averaged over seeds",
@@ -438,6 +478,7 @@ def write_report(build_dir: str | Path, out_path: str | Path, command: str,
         paper_val, paper_gen = PAPER_LDS.get(entry.name, (None, None))
         lines.append(f"| {entry.label} | {_cell(kinds.get('validation'))} | {_cell(kinds.get('generated'))} | "
                      f"{_lambda_cell(record)} | {paper_val or '-'} | {paper_gen or '-'} |")
+    lines += _group_table(results, entries, targets)
     if results.get("ordering"):
         lines += ["", "## The paper's ordering, checked", "",
                   "Paired difference LDS(higher) - LDS(lower) in points, on the same targets and reported subsets, "

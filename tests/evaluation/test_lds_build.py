@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dtrak_core.evaluation.lds import (LdsBuildConfig, Targets, build_lds, build_progress, job_queue, load_outputs,
-                                       measure_timesteps, output_path, subset_train_config)
+                                       measure_losses, measure_timesteps, output_path, subset_train_config)
+from dtrak_core.evaluation.lds_scores import build_command
 from dtrak_core.evaluation.subsets import SubsetPlan
 from tests.conftest import write_image_folder
 
@@ -218,3 +219,79 @@ def test_a_model_locked_by_another_worker_is_left_to_it(tiny_setup, tmp_path):
     # Its lock released (the worker finished or died), the next run takes it.
     assert build_lds(config, progress=False) == {"done": 2, "total": 2}
     assert not list(config.work.glob("*.lock"))  # finished models leave no lock files behind
+
+
+def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_loss(tmp_path, monkeypatch):
+    """A model of artists b and c; the held-out images of artist d are added after the build."""
+    from dtrak_core.evaluation.lds import measure_new_targets
+    from dtrak_core.training import TrainConfig, train
+
+    # Four artists in turn; the held-out images (every 6th from the 6th) are b's and d's.
+    data = write_image_folder(tmp_path / "data", n=24, size=16, artists=("a", "b", "c", "d"))
+    model = train(TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "model"), preset="tiny", image_size=16,
+                              steps=8, batch_size=4, warmup_steps=2, filter_column="artist",
+                              filter_values=["b", "c"]), progress=False)
+    out = tmp_path / "build"
+    config = _config(model, out, num_subsets=2, num_tuning_subsets=1, generated_seeds=[0])
+    assert build_lds(config, progress=False) == {"done": 3, "total": 3}
+    old_targets = Targets.load(out / "targets")
+    assert old_targets.groups == ["selection", "selection", "generated"]
+    old = {p.name: json.loads(p.read_text()) for p in (out / "outputs").glob("*.json")}
+
+    extended = _config(model, out, num_subsets=2, num_tuning_subsets=1, generated_seeds=[0],
+                       extra_validation=["artist=d"])
+    assert build_lds(extended, progress=False) == {"done": 3, "total": 3}
+    targets = Targets.load(out / "targets")
+    assert targets.groups == ["selection", "selection", "generated", "artist=d", "artist=d"]
+    assert targets.names[3:] == ["d/011.png", "d/023.png"] and targets.kinds[3:] == ["validation"] * 2
+    assert np.array_equal(targets.images[:3], old_targets.images)  # old targets keep their index (and noise)
+    for name, before in old.items():
+        after = json.loads((out / "outputs" / name).read_text())
+        assert after["losses"][:3] == before["losses"] and len(after["losses"]) == 5
+        if name != "full.json":
+            # Training is deterministic on CPU: the retrain reproduced the weights bit for bit.
+            assert after["extensions"][0]["reproduced"] and after["model_hash"] == before["model_hash"]
+            assert after["train_seconds"] == before["train_seconds"]
+    # The new targets were measured with their own noise ids: as if measured with all the others.
+    timesteps = measure_timesteps(3)
+    everything = measure_losses(model, targets.images, timesteps, config.measure_seed)
+    full = json.loads(output_path(out, "full").read_text())["losses"]
+    np.testing.assert_allclose(full, everything, rtol=1e-6)
+    assert load_outputs(out, "report").losses.shape == (2, 5)
+    assert "--extra-validation artist=d" in build_command(json.loads((out / "lds.json").read_text()), out)
+
+    # The report splits the validation LDS by group: same lambda and subsets, fewer targets.
+    from dtrak_core.evaluation.lds_scores import GridEntry, compute_scores, evaluate, load_scores, write_report
+    from dtrak_core.evaluation.metrics import lds_summary
+
+    grid = [GridEntry("pixel", "raw pixel cosine", "pixel", None)]
+    compute_scores(out, grid, feature_root=tmp_path / "features", progress=False)
+    groups = evaluate(out, grid, num_bootstrap=20)["entries"]["pixel"]["kinds"]["validation"]["groups"]
+    scores = load_scores(out / "scores" / "pixel.npz")[1][0]
+    report = load_outputs(out, "report")
+    assert groups["artist=d"] == lds_summary(scores[3:], report.masks, report.losses[:, 3:], num_bootstrap=20).to_dict()
+    assert groups["selection"]["num_targets"] == 2
+    text = write_report(out, tmp_path / "lds.md", "lds report", grid).read_text()
+    assert "4 validation images (all 2 held-out images of the model's selection + 2 held-out images where " \
+           "artist=d)" in text
+    assert "| method | the model's selection (2) | artist=d (2) |" in text
+
+    # Asking again (or without the filter: it stays part of the build) trains nothing.
+    import dtrak_core.training as training
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("nothing should be retrained"))
+    assert build_lds(config, progress=False) == {"done": 3, "total": 3}
+    assert Targets.load(out / "targets").groups == targets.groups
+
+    # A model that is not reproduced is measured again on every target (no file mixes two models).
+    previous = {"model_hash": "another", "losses": [0.0, 0.0, 0.0]}
+    losses, note = measure_new_targets(Path(model), "this", previous, targets, timesteps, config)
+    np.testing.assert_allclose(losses, everything, rtol=1e-6)
+    assert note == {"targets_before": 3, "targets_after": 5, "reproduced": False,
+                    "old_targets_max_abs_change": pytest.approx(float(np.max(np.abs(everything[:3]))))}
+
+    for spec, message in [("artist=b", "selects no new"), ("style=x", "has no column 'style'"),
+                          ("artist", "must be COLUMN=VALUE")]:
+        with pytest.raises(ValueError, match=message):
+            build_lds(_config(model, out, num_subsets=2, num_tuning_subsets=1, generated_seeds=[0],
+                              extra_validation=[spec]), progress=False)
