@@ -18,7 +18,8 @@ import streamlit as st
 
 from dtrak_app import common as c
 from dtrak_core.evaluation.lds import TARGET_KINDS, Targets, load_outputs
-from dtrak_core.evaluation.lds_scores import DEFAULT_GRID, PAPER_LDS, PREDICTIONS_FILE, RESULTS_FILE
+from dtrak_core.evaluation.lds_scores import (DEFAULT_GRID, PAPER_LDS, PREDICTIONS_FILE, RESULTS_FILE,
+                                              results_match_targets)
 from dtrak_core.evaluation.metrics import spearman
 from dtrak_core.paths import REPO_ROOT
 
@@ -136,6 +137,15 @@ if "lds_kind" not in st.session_state:
     linked = st.query_params.get("lds_kind")
     st.session_state["lds_kind"] = linked if linked in TARGET_KINDS else TARGET_KINDS[0]
 targets = Targets.load(folder / "targets")
+all_losses, all_names = report_losses(str(folder), results_path.stat().st_mtime)
+# The subsets the results were scored on (more may have been measured since).
+subset_names = results["report_subsets"]
+if not results_match_targets(results, targets) or not set(subset_names) <= set(all_names):
+    st.warning(f"Targets were added to this build after these results were scored (it has {len(targets)} "
+               "targets now; the subset models are being measured on the new ones). The tables above are the "
+               "earlier results; the per-target view returns once `lds build`, `lds attribute` and `lds score` "
+               "have run again.")
+    st.stop()
 cols = st.columns(3)
 name = cols[0].selectbox("Method", names, key="lds_method", format_func=lambda n: next(e.label for e in measured
                                                                                          if e.name == n))
@@ -154,9 +164,6 @@ index = int(cols[2].number_input(f"Target (0..{len(rows) - 1})", min_value=0, ma
                                  key="lds_target"))
 c.sync_url(lds_method=name, lds_kind=kind, lds_target=index)
 
-all_losses, all_names = report_losses(str(folder), results_path.stat().st_mtime)
-# The subsets the results were scored on (more may have been measured since).
-subset_names = results["report_subsets"]
 losses = all_losses[[all_names.index(name) for name in subset_names]]
 predicted = predictions[key][index]
 actual = -losses[:, rows[index]]

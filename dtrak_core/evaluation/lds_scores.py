@@ -341,6 +341,16 @@ def evaluate(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
     return results
 
 
+def results_match_targets(results: dict, targets: Targets) -> bool:
+    """Whether stored results were scored on the build's present targets (targets can be added
+    to a build later; until ``lds attribute`` and ``lds score`` run again the results are stale)."""
+    for entry in results.get("entries", {}).values():
+        for kind, record in entry.get("kinds", {}).items():
+            if record.get("num_targets") != len(targets.indices(kind)):
+                return False
+    return True
+
+
 def _cell(record: dict | None) -> str:
     if not record or record.get("status") != "measured":
         return "pending"

@@ -40,6 +40,29 @@ def test_benchmark_shows_the_table_bars_and_a_targets_scatter(eval_vars):
     assert app.query_params["lds_target"] == "1" and app.query_params["lds_method"] == "pixel"
 
 
+def test_benchmark_keeps_the_table_but_not_the_scatter_when_targets_were_added_after_scoring(eval_vars, monkeypatch,
+                                                                                            tmp_path):
+    import shutil
+
+    from dtrak_core.evaluation.lds import Targets
+    from dtrak_core.evaluation.lds_scores import results_match_targets
+
+    build = tmp_path / "lds"
+    shutil.copytree(eval_vars.lds_dir, build)
+    targets = Targets.load(build / "targets")
+    results = json.loads((build / "results" / "lds.json").read_text())
+    assert results_match_targets(results, targets)
+    added = targets.extended(Targets(targets.images[:1], ["validation"], ["new.png"], ["artist=x"]))
+    added.save(build / "targets")
+    assert not results_match_targets(results, added)
+    monkeypatch.setenv("DTRAK_LDS_DIR", str(build))
+    app = run("benchmark.py")
+    assert not app.exception
+    assert "raw pixel cosine" in app.dataframe[0].value["method"].tolist()
+    assert "Targets were added" in app.warning[0].value and f"{len(added)} targets now" in app.warning[0].value
+    assert len(app.get("plotly_chart")) == 1                          # the bars, no per-target scatter
+
+
 def test_benchmark_without_results_says_how_to_make_them(eval_vars, monkeypatch, tmp_path):
     monkeypatch.setenv("DTRAK_LDS_DIR", str(tmp_path / "empty"))
     app = run("benchmark.py")
