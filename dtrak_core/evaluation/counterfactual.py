@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dtrak_core.evaluation.embeddings import ImageEmbedder
 
 DEFAULT_FRACTION = 0.2
+NOTES_FILE = "notes.md"
 #: Paper (Zheng et al. 2024, table of the counterfactual check), CIFAR-2, mean over 60 targets.
 PAPER_COUNTERFACTUAL = {"random": (5.52, 0.953), "trak": (6.44, 0.933), "dtrak": (9.46, 0.875)}
 
@@ -340,7 +341,7 @@ def compare_with_baseline(records: Sequence[dict], baseline: str = "random", num
 
 
 def write_report(results_dir: str | Path, out_path: str | Path, command: str) -> Path:
-    """``docs/benchmarks/counterfactual.md`` from the stored records."""
+    """``docs/benchmarks/counterfactual.md`` from the stored records (and ``notes.md`` beside them)."""
     records = load_results(results_dir)
     lines = ["# Counterfactual check (mini model)", "",
              "Remove the training images a method blames for a generated image (top-k proponents), "
@@ -387,6 +388,10 @@ def write_report(results_dir: str | Path, out_path: str | Path, command: str) ->
                              f"{row['l2_difference']:+.3f} [{row['l2_ci'][0]:+.3f}, {row['l2_ci'][1]:+.3f}] | "
                              f"{row['ssim_difference']:+.3f} [{row['ssim_ci'][0]:+.3f}, {row['ssim_ci'][1]:+.3f}] | "
                              f"{row['share_changed_more']:.0%} |")
+    notes = Path(results_dir) / NOTES_FILE
+    if notes.exists():
+        # Hand-written reading of the numbers, kept with the results it discusses.
+        lines += ["", notes.read_text().strip()]
     lines += ["", "Regenerate:", "", "```bash", command, "```", ""]
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

@@ -104,8 +104,10 @@ def test_artist_removal_trains_once_for_many_targets_and_reports(tiny_model_dir,
     random_row = next(r for r in rows if r["method"] == "random")
     l2 = [r["pixel_l2"] for r in records if r["method"] == "random"]
     assert random_row["l2_mean"] == pytest.approx(np.mean(l2)) and random_row["targets"] == 2
+    (results / "notes.md").write_text("## Reading these numbers\n\nCarefully.\n")
     text = write_report(results, tmp_path / "cf.md", "python -m dtrak_core counterfactual ...").read_text()
     assert "| random (k=2) | 2 |" in text and "5.52" in text
+    assert "## Reading these numbers\n\nCarefully.\n\nRegenerate:" in text
 
 
 def _record(method: str, seed: int, l2: float, ssim: float, k: int = 5) -> dict:
