@@ -140,11 +140,14 @@ targets = Targets.load(folder / "targets")
 all_losses, all_names = report_losses(str(folder), results_path.stat().st_mtime)
 # The subsets the results were scored on (more may have been measured since).
 subset_names = results["report_subsets"]
-if not results_match_targets(results, targets) or not set(subset_names) <= set(all_names):
+if not results_match_targets(results, targets):
     st.warning(f"Targets were added to this build after these results were scored (it has {len(targets)} "
-               "targets now; the subset models are being measured on the new ones). The tables above are the "
-               "earlier results; the per-target view returns once `lds build`, `lds attribute` and `lds score` "
-               "have run again.")
+               "targets now). The tables above are the earlier results; the per-target view returns once "
+               "`lds build`, `lds attribute` and `lds score` have run again.")
+    st.stop()
+if not set(subset_names) <= set(all_names):
+    st.warning("Some subsets these results were scored on have no complete measured outputs now (is `lds build` "
+               "measuring them on new targets?); the per-target view returns once it has finished.")
     st.stop()
 cols = st.columns(3)
 name = cols[0].selectbox("Method", names, key="lds_method", format_func=lambda n: next(e.label for e in measured

@@ -17,8 +17,9 @@ from PIL import Image
 
 from dtrak_app import common as c
 from dtrak_core import jobs
-from dtrak_core.evaluation.counterfactual import (DEFAULT_FRACTION, CounterfactualConfig, compare_with_baseline,
-                                                  load_results, resolve_k, stored_result, summarize)
+from dtrak_core.evaluation.counterfactual import (DEFAULT_FRACTION, CounterfactualConfig, difference_cell,
+                                                  load_results, paired_comparisons, resolve_k, stored_result,
+                                                  summarize)
 from dtrak_core.paths import REPO_ROOT
 
 REMOVALS = {"dtrak": "D-TRAK top-k proponents", "trak": "TRAK top-k proponents", "random": "k random images"}
@@ -151,14 +152,17 @@ records = [r for r in load_results(folder) if r.get("model_hash") == ctx.content
 st.subheader("All stored experiments of this model")
 if records:
     st.dataframe(pd.DataFrame(summarize(records)), hide_index=True)
-    paired = compare_with_baseline(records)
+    paired = paired_comparisons(records)
     if paired:
-        st.markdown("**Paired with the random baseline** (same targets, same k)")
+        st.markdown("**Paired by target** (same targets, same k): each method against random removal, and D-TRAK "
+                    "against TRAK. Differences with a 95% bootstrap CI over targets.")
         st.dataframe(pd.DataFrame([{
-            "removal": row["method"], "targets": row["targets"], "L2 ratio to random": round(row["l2_ratio"], 2),
+            "removal": row["method"], "against": row["baseline"], "targets": row["targets"],
+            "L2 ratio": round(row["l2_ratio"], 2),
             "paper L2 ratio": None if row["paper_l2_ratio"] is None else round(row["paper_l2_ratio"], 2),
-            "L2 difference": f"{row['l2_difference']:+.3f} [{row['l2_ci'][0]:+.3f}, {row['l2_ci'][1]:+.3f}]",
-            "changed more than random": f"{row['share_changed_more']:.0%}"} for row in paired]), hide_index=True)
+            "L2 difference": difference_cell(row["l2_difference"], row["l2_ci"]),
+            "SSIM difference": difference_cell(row["ssim_difference"], row["ssim_ci"]),
+            "changed more": f"{row['share_changed_more']:.0%}"} for row in paired]), hide_index=True)
     st.caption(f"from {folder}; the command line's batch mode adds more "
                "(`python -m dtrak_core counterfactual --target-seed 0-59 --method dtrak trak random`).")
 else:

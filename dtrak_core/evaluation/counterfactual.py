@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from dtrak_core.evaluation.embeddings import ImageEmbedder
 
 DEFAULT_FRACTION = 0.2
+#: Below this many paired targets a bootstrap interval says nothing; it is left out.
+MIN_TARGETS_FOR_CI = 5
 NOTES_FILE = "notes.md"
 #: Paper (Zheng et al. 2024, table of the counterfactual check), CIFAR-2, mean over 60 targets.
 PAPER_COUNTERFACTUAL = {"random": (5.52, 0.953), "trak": (6.44, 0.933), "dtrak": (9.46, 0.875)}
@@ -308,36 +310,52 @@ def summarize(records: Sequence[dict]) -> list[dict]:
 
 
 def compare_with_baseline(records: Sequence[dict], baseline: str = "random", num_bootstrap: int = 2000) -> list[dict]:
-    """Each top-k method against ``baseline`` on the targets both ran with the same k.
+    """Each top-k method against ``baseline`` on the targets both ran with the same k and model.
 
     Per method: the matched targets, the ratio of mean L2 (method / baseline: scale-free, so it
     sits beside the paper's ratio although our images are 16 px and its 32 px), the paired mean
     differences of L2 and SSIM with bootstrap CIs over targets, and the share of targets whose
-    image changed more (higher L2) under the method. Artist removals have no k to match; they
-    are left out.
+    image changed more (higher L2) under the method. A CI needs ``MIN_TARGETS_FOR_CI`` targets
+    (else None). Artist removals have no k to match; they are left out.
     """
-    by_key = {(r["method"], r["k"], r["target_seed"]): r for r in records}
+    def key(r: dict, method: str) -> tuple:
+        return r.get("model_hash"), method, r["k"], r["target_seed"]
+
+    by_key = {key(r, r["method"]): r for r in records}
     rows = []
     for method in sorted({r["method"] for r in records} - {baseline}):
         if method.startswith("artist:"):
             continue
-        pairs = [(r, by_key[(baseline, r["k"], r["target_seed"])]) for r in records
-                 if r["method"] == method and (baseline, r["k"], r["target_seed"]) in by_key]
+        pairs = [(r, by_key[key(r, baseline)]) for r in records if r["method"] == method and key(r, baseline) in by_key]
         if not pairs:
             continue
         l2 = np.array([[m["pixel_l2"], b["pixel_l2"]] for m, b in pairs])
         ssim_values = np.array([[m["ssim"], b["ssim"]] for m, b in pairs])
-        l2_diff, l2_low, l2_high = paired_mean_difference(l2[:, 0], l2[:, 1], num_bootstrap)
-        ssim_diff, ssim_low, ssim_high = paired_mean_difference(ssim_values[:, 0], ssim_values[:, 1], num_bootstrap)
+        l2_diff, *l2_ci = paired_mean_difference(l2[:, 0], l2[:, 1], num_bootstrap)
+        ssim_diff, *ssim_ci = paired_mean_difference(ssim_values[:, 0], ssim_values[:, 1], num_bootstrap)
+        enough = len(pairs) >= MIN_TARGETS_FOR_CI
         paper = PAPER_COUNTERFACTUAL.get(method)
         rows.append({"method": method, "baseline": baseline, "targets": len(pairs),
                      "l2_ratio": float(l2[:, 0].mean() / l2[:, 1].mean()),
                      "paper_l2_ratio": paper[0] / PAPER_COUNTERFACTUAL[baseline][0]
                      if paper and baseline in PAPER_COUNTERFACTUAL else None,
-                     "l2_difference": l2_diff, "l2_ci": (l2_low, l2_high),
-                     "ssim_difference": ssim_diff, "ssim_ci": (ssim_low, ssim_high),
+                     "l2_difference": l2_diff, "l2_ci": tuple(l2_ci) if enough else None,
+                     "ssim_difference": ssim_diff, "ssim_ci": tuple(ssim_ci) if enough else None,
                      "share_changed_more": float((l2[:, 0] > l2[:, 1]).mean())})
     return rows
+
+
+def paired_comparisons(records: Sequence[dict]) -> list[dict]:
+    """The comparisons the paper makes: every top-k method against random removal, and D-TRAK
+    against TRAK (rows of :func:`compare_with_baseline`)."""
+    return compare_with_baseline(records, "random") + [
+        row for row in compare_with_baseline(records, "trak") if row["method"] == "dtrak"]
+
+
+def difference_cell(difference: float, ci: tuple[float, float] | None) -> str:
+    """"+1.062 [+1.048, +1.076]", or the difference alone when there were too few targets for a CI."""
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f" (CI needs {MIN_TARGETS_FOR_CI} targets)"
+    return f"{difference:+.3f}{interval}"
 
 
 def write_report(results_dir: str | Path, out_path: str | Path, command: str) -> Path:
@@ -370,8 +388,7 @@ def write_report(results_dir: str | Path, out_path: str | Path, command: str) ->
                   + (f"Embedding cosine here: {', '.join(embedders)}." if embedders else
                      "No embedding model was given (`--embedding-model`), so the embedding cosine is '-'; "
                      "SSIM is the second metric.")]
-        comparisons = compare_with_baseline(records, "random") + [
-            row for row in compare_with_baseline(records, "trak") if row["method"] == "dtrak"]
+        comparisons = paired_comparisons(records)
         if comparisons:
             lines += ["", "## Paired by target: against random removal, and D-TRAK against TRAK", "",
                       "Same targets, same k. Ratio = mean L2 of the removal / mean L2 of the one it is "
@@ -385,8 +402,8 @@ def write_report(results_dir: str | Path, out_path: str | Path, command: str) ->
                 paper_ratio = f"{row['paper_l2_ratio']:.2f}" if row["paper_l2_ratio"] is not None else "-"
                 lines.append(f"| {row['method']} | {row['baseline']} | {row['targets']} | {row['l2_ratio']:.2f} | "
                              f"{paper_ratio} | "
-                             f"{row['l2_difference']:+.3f} [{row['l2_ci'][0]:+.3f}, {row['l2_ci'][1]:+.3f}] | "
-                             f"{row['ssim_difference']:+.3f} [{row['ssim_ci'][0]:+.3f}, {row['ssim_ci'][1]:+.3f}] | "
+                             f"{difference_cell(row['l2_difference'], row['l2_ci'])} | "
+                             f"{difference_cell(row['ssim_difference'], row['ssim_ci'])} | "
                              f"{row['share_changed_more']:.0%} |")
     notes = Path(results_dir) / NOTES_FILE
     if notes.exists():

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from dtrak_core.evaluation.subsets import SubsetPlan, make_plan
-from dtrak_core.io import try_lock, write_bytes_atomic, write_json_atomic
+from dtrak_core.io import hold_lock, try_lock, write_bytes_atomic, write_json_atomic
 from dtrak_core.progress import progress_bar
 
 BUILD_FILE = "lds.json"
@@ -254,7 +254,11 @@ class Targets:
         kinds = list(meta["kinds"])
         # Builds from before extra validation targets have one validation group.
         groups = meta.get("groups") or [SELECTION_GROUP if k == "validation" else k for k in kinds]
-        return cls(np.load(folder / "images.npy"), kinds, list(meta["names"]), list(groups))
+        images = np.load(folder / "images.npy")
+        if not len(images) == len(kinds) == len(meta["names"]) == len(groups):
+            raise ValueError(f"{folder}: images.npy holds {len(images)} targets but targets.json {len(kinds)} kinds, "
+                             f"{len(meta['names'])} names, {len(groups)} groups (written while being read? run again)")
+        return cls(images, kinds, list(meta["names"]), list(groups))
 
 
 def read_recipe_config(model_dir: str | Path) -> dict:
@@ -319,11 +323,17 @@ def extra_validation_targets(config: LdsBuildConfig, recipe: dict, spec: str, ex
     if column not in data.metadata.columns:
         raise ValueError(f"extra validation filter {spec!r}: the dataset's metadata.csv has no column {column!r} "
                          f"(columns: {', '.join(map(str, data.metadata.columns))})")
-    data = data.subset(data.where(column, [value]))
-    names = data.metadata["file_name"].astype(str).tolist()
+    matching = data.subset(data.where(column, [value]))
+    if len(matching) == 0:
+        present = sorted(map(str, data.metadata[column].dropna().unique()))
+        raise ValueError(f"extra validation filter {spec!r} matches no {config.validation_split!r} image; "
+                         f"their {column} values are {', '.join(present[:20])}{', ...' if len(present) > 20 else ''}")
+    names = matching.metadata["file_name"].astype(str).tolist()
     keep = [i for i, name in enumerate(names) if name not in exclude_names]
     if not keep:
-        raise ValueError(f"extra validation filter {spec!r} selects no new {config.validation_split!r} images")
+        raise ValueError(f"extra validation filter {spec!r}: all {len(names)} of its images are targets of the "
+                         "build already")
+    data = matching
     images = np.asarray(data.images)[keep].astype(np.uint8)
     return Targets(images, ["validation"] * len(keep), [names[i] for i in keep], [spec] * len(keep))
 
@@ -434,7 +444,8 @@ def _lock_path(config: LdsBuildConfig, job: ModelJob) -> Path:
 
 def _remove_finished_model(config: LdsBuildConfig, job: ModelJob) -> None:
     """Delete a measured subset model's weights (a kill between measuring and deleting leaves them)
-    and its lock file (safe: a worker that still locks the old file finds the output and skips)."""
+    and its lock file. Called under the model's lock; a worker still waiting on the old file finds
+    the output complete and skips."""
     run_dir = _run_dir(config, job)
     if job.subset is not None and not config.keep_models and run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -467,16 +478,11 @@ def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, 
     record = {
         "job": job.name, "subset": job.subset, "seed": job.seed, "steps": train_config.steps,
         "num_train_images": recipe_out["num_train_images"], "model_hash": weights_hash,
-        "final_loss_ema": recipe_out.get("final_loss_ema"), "losses": losses.tolist(),
-        # The trainer's own clock covers all sessions of a resumed run; ours only this one.
-        "train_seconds": recipe_out.get("wall_seconds", round(train_seconds, 1)),
-        "measure_seconds": round(measure_seconds, 2)}
-    if previous is not None:
-        record.update(train_seconds=previous.get("train_seconds"), measure_seconds=previous.get("measure_seconds"),
-                      extensions=previous.get("extensions", []) + [
-                          {**extension, "train_seconds": recipe_out.get("wall_seconds", round(train_seconds, 1)),
-                           "measure_seconds": round(measure_seconds, 2)}])
-    write_json_atomic(output_path(config.out_dir, job.name), record)
+        "final_loss_ema": recipe_out.get("final_loss_ema"), "losses": losses.tolist()}
+    # The trainer's own clock covers all sessions of a resumed run; ours only this one.
+    timings = {"train_seconds": recipe_out.get("wall_seconds", round(train_seconds, 1)),
+               "measure_seconds": round(measure_seconds, 2)}
+    write_json_atomic(output_path(config.out_dir, job.name), _with_timings(record, previous, extension, timings))
     _remove_finished_model(config, job)
     bar.update(1)
     bar.write(f"{job.name}: trained {train_config.steps} steps in {recipe_out.get('wall_seconds')} s, "
@@ -488,6 +494,26 @@ def _previous_output(config: LdsBuildConfig, job: ModelJob) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _with_timings(record: dict, previous: dict | None, extension: dict, timings: dict) -> dict:
+    """The output record with its timings: a model's first measurement keeps them at the top
+    level (the build's cost); each later addition of targets is a note under ``extensions``."""
+    if previous is None:
+        return {**record, **timings}
+    first = {k: previous[k] for k in ("train_seconds", "measure_seconds") if k in previous}
+    return {**record, **first, "extensions": previous.get("extensions", []) + [{**extension, **timings}]}
+
+
+def _measure_full_model(config: LdsBuildConfig, full_hash: str, seed: int, targets: Targets,
+                        timesteps: Sequence[int]) -> None:
+    """The full model's outputs (``outputs/full.json``), extended like any model's when targets grow."""
+    started = time.time()
+    previous = _previous_output(config, ModelJob("full", None, seed))
+    losses, extension = measure_new_targets(Path(config.model_dir), full_hash, previous, targets, timesteps, config)
+    record = {"job": "full", "subset": None, "seed": seed, "model_hash": full_hash, "losses": losses.tolist()}
+    write_json_atomic(output_path(config.out_dir, "full"),
+                      _with_timings(record, previous, extension, {"measure_seconds": round(time.time() - started, 2)}))
+
+
 def measure_new_targets(model_dir: Path, weights_hash: str, previous: dict | None, targets: Targets,
                         timesteps: Sequence[int], config: LdsBuildConfig) -> tuple[np.ndarray, dict]:
     """Losses (T,) of the model on every target, measuring only what ``previous`` lacks.
@@ -497,6 +523,9 @@ def measure_new_targets(model_dir: Path, weights_hash: str, previous: dict | Non
     every target is measured on this model. Returns (losses, a note of what was done).
     """
     known = 0 if previous is None else len(previous["losses"])
+    if known > len(targets):
+        raise ValueError(f"the stored output has {known} losses but the build has {len(targets)} targets: targets "
+                         "were added by another worker after this one started; run it again")
     reproduced = previous is not None and previous.get("model_hash") == weights_hash
     start = known if reproduced else 0
     fresh = measure_losses(model_dir, targets.images[start:], timesteps, config.measure_seed, config.measure_noise,
@@ -506,7 +535,8 @@ def measure_new_targets(model_dir: Path, weights_hash: str, previous: dict | Non
     note: dict = {"targets_before": known, "targets_after": len(targets), "reproduced": reproduced}
     if reproduced:
         return np.concatenate([np.asarray(previous["losses"], dtype=np.float64), fresh]), note
-    note["old_targets_max_abs_change"] = float(np.max(np.abs(fresh[:known] - np.asarray(previous["losses"]))))
+    if known:
+        note["old_targets_max_abs_change"] = float(np.max(np.abs(fresh[:known] - np.asarray(previous["losses"]))))
     return fresh, note
 
 
@@ -529,13 +559,15 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
         # Models and score matrices are big and re-computable; outputs and subsets are the record.
         write_bytes_atomic(gitignore, f"{RUNS_DIR}/\n{SCORES_DIR}/\n".encode())
     full_hash = model_hash(config.model_dir)
-    record = _merged_build_record(config, full_hash, recipe)
-    config = replace(config, num_subsets=record["num_subsets"], num_tuning_subsets=record["num_tuning_subsets"],
-                     seeds=record["seeds"], ensemble_seeds=record["ensemble_seeds"],
-                     extra_validation=record["extra_validation"])
-    # Targets first: a filter that selects nothing must not enter the build file.
-    targets = ensure_targets(config, recipe, out / TARGETS_DIR, progress)
-    write_json_atomic(out / BUILD_FILE, record)
+    # One worker at a time reads, grows and writes the build file and the targets.
+    with hold_lock(config.work / "build.lock"):
+        record = _merged_build_record(config, full_hash, recipe)
+        config = replace(config, num_subsets=record["num_subsets"], num_tuning_subsets=record["num_tuning_subsets"],
+                         seeds=record["seeds"], ensemble_seeds=record["ensemble_seeds"],
+                         extra_validation=record["extra_validation"])
+        # Targets first: a filter that selects nothing must not enter the build file.
+        targets = ensure_targets(config, recipe, out / TARGETS_DIR, progress)
+        write_json_atomic(out / BUILD_FILE, record)
 
     train_set = load_training_set(full_model, label_column=config.stratify_column)
     labels = train_set.labels or ["all"] * len(train_set)
@@ -545,12 +577,9 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
 
     timesteps = measure_timesteps(config.measure_timesteps)
     if not output_is_complete(out, "full", len(targets)):
-        started = time.time()
-        previous = json.loads(output_path(out, "full").read_text()) if output_path(out, "full").exists() else None
-        losses, _ = measure_new_targets(Path(config.model_dir), full_hash, previous, targets, timesteps, config)
-        write_json_atomic(output_path(out, "full"), {"job": "full", "subset": None, "seed": recipe["config"]["seed"],
-                                                     "model_hash": full_hash, "losses": losses.tolist(),
-                                                     "measure_seconds": round(time.time() - started, 2)})
+        with hold_lock(config.work / "full.lock"):
+            if not output_is_complete(out, "full", len(targets)):
+                _measure_full_model(config, full_hash, recipe["config"]["seed"], targets, timesteps)
 
     jobs = job_queue(config, plan)
 
@@ -561,15 +590,20 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
                        disable=not progress)
     trained = 0
     for job in jobs:
-        if complete(job):
-            _remove_finished_model(config, job)
-            continue
-        if max_models is not None and trained >= max_models:
+        if _num_targets(out) != len(targets):
+            # Another worker added targets: this one's view of "finished" is out of date.
+            raise RuntimeError(f"{out / TARGETS_DIR / 'targets.json'} now has {_num_targets(out)} targets; this "
+                               f"worker started with {len(targets)}: run it again to go on with the new targets")
+        if max_models is not None and trained >= max_models and not complete(job):
             break
         # Several workers may share one build (one per core): each model is trained by whichever
-        # worker locks it first; the others move on to the next unfinished model.
+        # worker locks it first; the others move on to the next unfinished model. Finished models
+        # are tidied only under their lock, never while another worker is retraining them.
         with try_lock(_lock_path(config, job)) as mine:
-            if not mine or complete(job):
+            if not mine:
+                continue
+            if complete(job):
+                _remove_finished_model(config, job)
                 continue
             _train_and_measure(config, job, plan, recipe, targets, timesteps, progress, bar)
         trained += 1

@@ -404,12 +404,13 @@ def build_command(build: dict, build_dir: Path) -> str:
     return " ".join(parts)
 
 
-def _validation_description(targets: Targets) -> str:
+def _validation_description(targets: Targets, max_validation: int | None) -> str:
     counts = Counter(targets.groups[i] for i in targets.indices("validation"))
     own = counts.pop(SELECTION_GROUP, 0)
+    which = f"the first {own}" if max_validation is not None else f"all {own}"
     if not counts:
-        return f"{own} validation images (every held-out image of the model's selection)"
-    parts = [f"all {own} held-out images of the model's selection"]
+        return f"{own} validation images ({which} held-out images of the model's selection)"
+    parts = [f"{which} held-out images of the model's selection"]
     parts += [f"{n} held-out images where {group}" for group, n in counts.items()]
     return f"{len(targets.indices('validation'))} validation images ({' + '.join(parts)})"
 
@@ -464,7 +465,7 @@ def write_report(build_dir: str | Path, out_path: str | Path, command: str,
         f"{SubsetPlan.load(build_dir).num_train} training images; alpha = {build['identity']['alpha']}, "
         f"stratified by {build['identity']['stratify_column']}, steps rule "
         f"'{build['identity']['steps_rule']}' (same epochs: half the steps and warm-up on half the data)",
-        f"- targets: {_validation_description(targets)}, "
+        f"- targets: {_validation_description(targets, build['identity'].get('max_validation'))}, "
         f"{len(targets.indices('generated'))} generated images (DDIM {build['identity']['sampler_steps']} steps)",
         f"- model output: diffusion loss over {build['identity']['measure_timesteps']} timesteps x "
         f"{build['identity']['measure_noise']} noise draw(s), identical for every model, averaged over seeds",

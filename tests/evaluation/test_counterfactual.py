@@ -123,10 +123,18 @@ def test_compare_with_baseline_pairs_by_target_and_k_only():
     assert set(rows) == {"dtrak", "trak"}                            # artists have no k to match
     dtrak = rows["dtrak"]
     assert dtrak["targets"] == 2 and dtrak["l2_ratio"] == pytest.approx(8.0 / 6.0)
-    assert dtrak["l2_difference"] == pytest.approx(1.0) and dtrak["l2_ci"] == pytest.approx((1.0, 1.0))
+    assert dtrak["l2_difference"] == pytest.approx(1.0) and dtrak["l2_ci"] is None  # 2 targets: no interval
     assert dtrak["ssim_difference"] == pytest.approx(-0.15) and dtrak["share_changed_more"] == 1.0
     assert dtrak["paper_l2_ratio"] == pytest.approx(9.46 / 5.52)
     assert rows["trak"]["targets"] == 1 and rows["trak"]["share_changed_more"] == 0.0
+    # Results of another model never pair with these.
+    assert compare_with_baseline([{**r, "model_hash": "other"} if r["method"] == "random" else r
+                                  for r in records]) == []
+    many = [_record("random", s, 2.0 + s, 0.9) for s in range(6)] + [_record("dtrak", s, 3.0 + s + 0.1 * (s % 2), 0.8)
+                                                                       for s in range(6)]
+    row = compare_with_baseline(many, num_bootstrap=200)[0]
+    assert row["targets"] == 6 and row["l2_ci"][0] <= row["l2_difference"] <= row["l2_ci"][1]
+    assert 1.0 <= row["l2_ci"][0] and row["l2_ci"][1] <= 1.1
     versus_trak = compare_with_baseline(records, "trak", num_bootstrap=200)
     assert [(r["method"], r["targets"], r["l2_difference"]) for r in versus_trak] == [("dtrak", 1, 2.0),
                                                                                         ("random", 1, 1.0)]

@@ -218,7 +218,8 @@ def test_a_model_locked_by_another_worker_is_left_to_it(tiny_setup, tmp_path):
         assert output_path(out, second).exists() and not output_path(out, first).exists()
     # Its lock released (the worker finished or died), the next run takes it.
     assert build_lds(config, progress=False) == {"done": 2, "total": 2}
-    assert not list(config.work.glob("*.lock"))  # finished models leave no lock files behind
+    # Finished models leave no lock files behind; the build file's and the full model's stay.
+    assert sorted(p.name for p in config.work.glob("*.lock")) == ["build.lock", "full.lock"]
 
 
 def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_loss(tmp_path, monkeypatch):
@@ -248,10 +249,15 @@ def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_los
     for name, before in old.items():
         after = json.loads((out / "outputs" / name).read_text())
         assert after["losses"][:3] == before["losses"] and len(after["losses"]) == 5
+        # The build's own cost stays at the top level; the addition is a note of its own.
+        assert after["measure_seconds"] == before["measure_seconds"]
+        extension = after["extensions"][0]
+        assert extension["targets_before"] == 3 and extension["targets_after"] == 5
+        assert extension["measure_seconds"] >= 0
+        # Training is deterministic on CPU: the retrain reproduced the weights bit for bit.
+        assert extension["reproduced"] and after["model_hash"] == before["model_hash"]
         if name != "full.json":
-            # Training is deterministic on CPU: the retrain reproduced the weights bit for bit.
-            assert after["extensions"][0]["reproduced"] and after["model_hash"] == before["model_hash"]
-            assert after["train_seconds"] == before["train_seconds"]
+            assert after["train_seconds"] == before["train_seconds"] and extension["train_seconds"] > 0
     # The new targets were measured with their own noise ids: as if measured with all the others.
     timesteps = measure_timesteps(3)
     everything = measure_losses(model, targets.images, timesteps, config.measure_seed)
@@ -290,8 +296,39 @@ def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_los
     assert note == {"targets_before": 3, "targets_after": 5, "reproduced": False,
                     "old_targets_max_abs_change": pytest.approx(float(np.max(np.abs(everything[:3]))))}
 
-    for spec, message in [("artist=b", "selects no new"), ("style=x", "has no column 'style'"),
-                          ("artist", "must be COLUMN=VALUE")]:
+    with pytest.raises(ValueError, match="5 targets"):
+        measure_new_targets(Path(model), "this", {"model_hash": "this", "losses": [0.0] * 6}, targets, timesteps,
+                            config)
+
+    build_file = (out / "lds.json").read_text()
+    for spec, message in [("artist=b", "all 2 of its images are targets of the build already"),
+                          ("artist=z", "matches no 'validation' image; their artist values are b, d"),
+                          ("style=x", "has no column 'style'"), ("artist", "must be COLUMN=VALUE")]:
         with pytest.raises(ValueError, match=message):
             build_lds(_config(model, out, num_subsets=2, num_tuning_subsets=1, generated_seeds=[0],
                               extra_validation=[spec]), progress=False)
+    # A filter that failed left no trace in the build.
+    assert (out / "lds.json").read_text() == build_file and Targets.load(out / "targets").names == targets.names
+
+
+def test_a_worker_stops_when_another_adds_targets_under_it(tiny_setup, tmp_path, monkeypatch):
+    model, _ = tiny_setup
+    out = tmp_path / "build"
+    config = _config(model, out, generated_seeds=[0])
+    import dtrak_core.training as training
+
+    original = training.train
+    calls = []
+
+    def train_then_targets_grow(train_config, progress=True):
+        # While this worker trains its first model, another one adds a target to the build.
+        calls.append(train_config.out_dir)
+        if len(calls) == 1:
+            grown = Targets.load(out / "targets")
+            grown.extended(Targets(grown.images[:1], ["validation"], ["other.png"], ["artist=x"])).save(out / "targets")
+        return original(train_config, progress=False)
+
+    monkeypatch.setattr(training, "train", train_then_targets_grow)
+    with pytest.raises(RuntimeError, match="now has 6 targets; this worker started with 5"):
+        build_lds(config, progress=False)
+    assert len(calls) == 1
