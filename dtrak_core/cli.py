@@ -26,6 +26,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def format_seeds(seeds: list[int]) -> str:
+    """The inverse of :func:`parse_seeds`: [0, 1, 2, 3, 7] -> '0-3,7' (runs of 3 or more as ranges)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts += [f"{seeds[i]}-{seeds[j]}"] if j - i >= 2 else [str(s) for s in seeds[i:j + 1]]
+        i = j + 1
+    return ",".join(parts)
+
+
 def cmd_build_data(args: argparse.Namespace) -> None:
     from dtrak_core.datasets.emoji3 import build_emoji3
 

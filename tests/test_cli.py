@@ -2,7 +2,14 @@ import argparse
 
 import pytest
 
-from dtrak_core.cli import main, parse_seeds
+from dtrak_core.cli import format_seeds, main, parse_seeds
+
+
+def test_format_seeds_is_the_inverse_of_parse_seeds():
+    for seeds in ([0, 1, 2, 3, 7], [5], [0, 1], [3, 4, 5, 9, 10, 11, 12, 20], list(range(100))):
+        assert parse_seeds(format_seeds(seeds)) == seeds
+    assert format_seeds([0, 1, 2, 3, 7]) == "0-3,7" and format_seeds([0, 1, 5]) == "0,1,5"
+    assert format_seeds(list(range(20))) == "0-19"
 
 
 def test_parse_seeds():

@@ -24,6 +24,14 @@ def _seed_list(text: str) -> list[int]:
     return parse_seeds(text)
 
 
+def _repo_relative(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (commands in committed docs)."""
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        return Path(path)
+
+
 def _training_seeds(text: str) -> list[int]:
     """'2' -> seeds [0, 1]; '0,5' or '3-4' -> exactly those seeds."""
     text = text.strip()
@@ -221,6 +229,7 @@ def _lds_report(args: argparse.Namespace) -> int:
 def _counterfactual(args: argparse.Namespace) -> int:
     from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, experiment_lock_path, resolve_k,
                                                       run_counterfactual, write_report)
+    from dtrak_core.cli import format_seeds
     from dtrak_core.io import try_lock
 
     results = args.results or REPO_ROOT / "benchmarks" / "counterfactual" / Path(args.model).resolve().name
@@ -268,10 +277,10 @@ def _counterfactual(args: argparse.Namespace) -> int:
     report = args.report or (DEFAULT_CF_REPORT if len(configs) > 1 else None)
     if report:
         command = (f"python -m dtrak_core counterfactual --model {shlex.quote(str(args.model))} --target-seed "
-                   f"{','.join(map(str, args.target_seed))} --method {' '.join(map(shlex.quote, args.method))}"
+                   f"{format_seeds(args.target_seed)} --method {' '.join(map(shlex.quote, args.method))}"
                    + (f" --k {args.k}" if args.k else "")
                    + (f" --embedding-model {shlex.quote(str(args.embedding_model))}" if args.embedding_model else "")
-                   + f" --report {shlex.quote(str(report))}")
+                   + f" --report {shlex.quote(str(_repo_relative(report)))}")
         write_report(results, report, command)
         print(f"wrote {report}")
     return 0

@@ -29,6 +29,7 @@ from dtrak_core.evaluation.lds import (RESULTS_DIR, SCORES_DIR, SELECTION_GROUP,
 from dtrak_core.evaluation.metrics import (common_factor_share, lds_per_target, lds_summary, paired_lds_difference,
                                           subset_predictions)
 from dtrak_core.evaluation.subsets import SubsetPlan
+from dtrak_core.cli import format_seeds
 from dtrak_core.io import atomic_path, write_json_atomic
 
 #: Lambda sweep: half-decades 1e-2 .. 1e7 (the reference tuned 1e1..5e3 for DDPMs; our
@@ -386,8 +387,7 @@ def build_command(build: dict, build_dir: Path) -> str:
     """The ``lds build`` command line that makes (or resumes) the build recorded in ``lds.json``."""
     identity = build["identity"]
     seeds = build["generated_seeds"] if "generated_seeds" in build else identity["generated_seeds"]
-    generated = (f"{seeds[0]}-{seeds[-1]}" if seeds and seeds == list(range(seeds[0], seeds[-1] + 1))
-                 else ",".join(map(str, seeds)))
+    generated = format_seeds(seeds)
     parts = ["python -m dtrak_core lds build", f"--model {build['model_dir']}", f"--out {build_dir}",
              f"--subsets {build['num_subsets']}", f"--tuning-subsets {build['num_tuning_subsets']}",
              f"--seeds {','.join(map(str, build['seeds']))}", f"--alpha {identity['alpha']:g}",
