@@ -44,8 +44,8 @@ demo-model: install data
 
 mini-model: install data
 	$(PY) -m dtrak_core train --data cache/emoji3-16 --out models/emoji3-mini --preset mini --image-size 16 \
-	  --filter-column category --filter-values "Smileys & Emotion" --steps 600 --warmup-steps 60 \
-	  --lr 1e-3 --batch-size 32 --checkpoint-every 100
+	  --filter-column category --filter-values "Smileys & Emotion" --steps 800 --warmup-steps 80 \
+	  --lr 1e-3 --batch-size 32 --checkpoint-every 200 --keep-checkpoints
 
 clean:
 	rm -rf $(VENV) cache/emoji3 cache/samples

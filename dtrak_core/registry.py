@@ -24,6 +24,9 @@ from dtrak_core.io import write_json_atomic
 
 REGISTRY_FILE = "registry.json"
 DEMO_NAME = "emoji3-demo"
+#: The small evaluation model: the LDS and counterfactual benchmarks' model, whose committed
+#: results the Benchmark and Counterfactual pages show.
+MINI_NAME = "emoji3-mini"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -58,15 +61,18 @@ def _read(path: Path) -> list[ModelEntry]:
 
 
 def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
-    """Environment entry first (if set), then the embedded demo (if present), then registrations."""
-    from dtrak_core.paths import DEMO_MODEL_DIR
+    """Environment entry first (if set), then the embedded demo and mini models (if present and
+    not hidden by DTRAK_HIDE_DEMO), then registrations."""
+    from dtrak_core.paths import DEMO_MODEL_DIR, MINI_MODEL_DIR
 
     entries = []
     if os.environ.get("DTRAK_MODEL_DIR"):
         entries.append(ModelEntry(os.environ.get("DTRAK_MODEL_NAME", "custom"), os.environ["DTRAK_MODEL_DIR"],
                                   os.environ.get("DTRAK_DATA_DIR") or None, "environment"))
-    if (DEMO_MODEL_DIR / "model_index.json").exists() and not os.environ.get("DTRAK_HIDE_DEMO"):
-        entries.append(ModelEntry(DEMO_NAME, str(DEMO_MODEL_DIR), None, "embedded"))
+    if not os.environ.get("DTRAK_HIDE_DEMO"):
+        entries += [ModelEntry(name, str(folder), None, "embedded")
+                    for name, folder in ((DEMO_NAME, DEMO_MODEL_DIR), (MINI_NAME, MINI_MODEL_DIR))
+                    if (folder / "model_index.json").exists()]
     taken = {e.name for e in entries}
     entries.extend(e for e in _read(registry_path(cache_root)) if e.name not in taken)
     return entries

@@ -151,7 +151,11 @@ with right:
 records = [r for r in load_results(folder) if r.get("model_hash") == ctx.content_hash]
 st.subheader("All stored experiments of this model")
 if records:
-    st.dataframe(pd.DataFrame(summarize(records)), hide_index=True)
+    summary = pd.DataFrame(summarize(records)).drop(columns=["method"])
+    st.dataframe(summary.rename(columns={
+        "l2_mean": "L2 mean", "l2_median": "L2 median", "ssim_mean": "SSIM mean", "ssim_median": "SSIM median",
+        "embedding_model": "embedding model", "cos_mean": "embedding cos mean", "cos_median": "embedding cos median"}),
+        hide_index=True)
     paired = paired_comparisons(records)
     if paired:
         st.markdown("**Paired by target** (same targets, same k): each method against random removal, and D-TRAK "

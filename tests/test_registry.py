@@ -31,3 +31,17 @@ def test_bad_registrations_say_why(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="model name '../x' must be"):
         registry.register_model("../x", tiny_model_dir, tmp_path, tmp_path)
     assert not registry.registry_path(tmp_path).exists()
+
+
+def test_the_embedded_models_are_listed_unless_hidden(tmp_path, monkeypatch):
+    from dtrak_core.paths import DEMO_MODEL_DIR, MINI_MODEL_DIR
+
+    monkeypatch.delenv("DTRAK_MODEL_DIR", raising=False)
+    monkeypatch.delenv("DTRAK_HIDE_DEMO", raising=False)
+    present = [(name, str(folder)) for name, folder in (("emoji3-demo", DEMO_MODEL_DIR), ("emoji3-mini", MINI_MODEL_DIR))
+               if (folder / "model_index.json").exists()]
+    assert ("emoji3-mini", str(MINI_MODEL_DIR)) in present  # committed with the repository
+    assert [(e.name, e.model_dir) for e in registry.list_models(tmp_path)] == present
+    assert {e.source for e in registry.list_models(tmp_path)} == {"embedded"}
+    monkeypatch.setenv("DTRAK_HIDE_DEMO", "1")
+    assert registry.list_models(tmp_path) == []

@@ -80,6 +80,7 @@ def test_counterfactual_shows_stored_result_beside_the_random_baseline(eval_vars
     assert app.metric[1].value == f"{record['ssim']:.3f}"
     summary = app.dataframe[0].value
     assert set(summary["removal"]) == {"dtrak (k=4)", "random (k=4)"}
+    assert summary[summary["removal"] == "dtrak (k=4)"].iloc[0]["L2 mean"] == record["pixel_l2"]
     paired = app.dataframe[1].value                                   # D-TRAK paired with random on seed 1
     base = json.loads((eval_vars.cf_dir / "seed-1" / "random-k4.json").read_text())
     assert list(paired["removal"]) == ["dtrak"] and paired["targets"][0] == 1
