@@ -90,10 +90,13 @@ def bar_chart(results: dict) -> go.Figure:
             means.append(100 * r["mean"])
             high.append(100 * (r["ci_high"] - r["mean"]))
             low.append(100 * (r["mean"] - r["ci_low"]))
-        figure.add_trace(go.Bar(name=KIND_LABELS[kind], x=labels, y=means,
-                                error_y=dict(type="data", symmetric=False, array=high, arrayminus=low)))
-    figure.update_layout(barmode="group", yaxis_title="LDS (%)", height=420, margin=dict(l=10, r=10, t=30, b=10),
-                         legend=dict(orientation="h"))
+        figure.add_trace(go.Bar(name=KIND_LABELS[kind], y=labels, x=means, orientation="h",
+                                error_x=dict(type="data", symmetric=False, array=high, arrayminus=low)))
+    # Horizontal bars: the method names are long, and read best as row labels in the table's order.
+    rows = len({label for trace in figure.data for label in trace.y})
+    figure.update_layout(barmode="group", xaxis_title="LDS (%)", height=120 + 44 * rows,
+                         margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed", automargin=True),
+                         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0))
     return figure
 
 

@@ -32,7 +32,7 @@ def test_benchmark_shows_the_table_bars_and_a_targets_scatter(eval_vars):
     assert ordering["claim"].tolist() == [row["claim"] for row in results["ordering"]]
     assert set(ordering["verdict (validation)"]) == {"pending"}
     bars, scatter = app.get("plotly_chart")
-    assert "error_y" in bars.proto.spec
+    assert "error_x" in bars.proto.spec and '"orientation":"h"' in bars.proto.spec.replace(" ", "")
     assert "Spearman" in scatter.proto.spec and "over 4 subsets" in scatter.proto.spec
     per_target = results["entries"]["pixel"]["kinds"]["generated"]["per_target"][1]
     metric = app.metric[0].value
