@@ -48,7 +48,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ import torch
 from dtrak_core.evaluation.subsets import SubsetPlan, make_plan
 from dtrak_core.io import hold_lock, try_lock, write_bytes_atomic, write_json_atomic
 from dtrak_core.progress import progress_bar
+
+if TYPE_CHECKING:
+    from dtrak_core.datasets import ImageFolderDataset
 
 BUILD_FILE = "lds.json"
 TARGETS_DIR = "targets"
@@ -278,7 +281,8 @@ def _data_dir(model_dir: str | Path, recorded: str) -> Path:
     return _resolve_data_dir(recorded, Path(model_dir))
 
 
-def _held_out_images(config: LdsBuildConfig, recipe: dict):
+def _held_out_images(config: LdsBuildConfig, recipe: dict) -> "ImageFolderDataset":
+    """Every image of split ``validation_split`` of the model's dataset, at the model's size."""
     from dtrak_core.datasets import load_image_folder
 
     base = recipe["config"]
@@ -333,8 +337,7 @@ def extra_validation_targets(config: LdsBuildConfig, recipe: dict, spec: str, ex
     if not keep:
         raise ValueError(f"extra validation filter {spec!r}: all {len(names)} of its images are targets of the "
                          "build already")
-    data = matching
-    images = np.asarray(data.images)[keep].astype(np.uint8)
+    images = np.asarray(matching.images)[keep].astype(np.uint8)
     return Targets(images, ["validation"] * len(keep), [names[i] for i in keep], [spec] * len(keep))
 
 
