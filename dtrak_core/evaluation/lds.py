@@ -636,6 +636,13 @@ def _num_targets(out_dir: Path) -> int:
     return len(json.loads((out_dir / TARGETS_DIR / "targets.json").read_text())["kinds"])
 
 
+def _complete_outputs(out_dir: Path) -> dict[str, dict]:
+    """Every output record with a loss for each target, by job name (each file read once)."""
+    num_targets = _num_targets(out_dir)
+    records = {path.stem: json.loads(path.read_text()) for path in sorted((out_dir / OUTPUTS_DIR).glob("*.json"))}
+    return {name: record for name, record in records.items() if len(record["losses"]) == num_targets}
+
+
 def load_outputs(out_dir: str | Path, role: str, plan: SubsetPlan | None = None) -> MeasuredOutputs:
     """The finished subset models' outputs of one role (``tune`` or ``report``).
 
@@ -646,10 +653,11 @@ def load_outputs(out_dir: str | Path, role: str, plan: SubsetPlan | None = None)
     plan = plan or SubsetPlan.load(out)
     build = read_build(out)
     num_targets = _num_targets(out)
+    complete = _complete_outputs(out)
     masks, losses, names, counts = [], [], [], []
     for subset in plan.by_role(role):
-        per_seed = [json.loads(output_path(out, f"{subset.name}-s{seed}").read_text())["losses"]
-                    for seed in build["seeds"] if output_is_complete(out, f"{subset.name}-s{seed}", num_targets)]
+        per_seed = [complete[f"{subset.name}-s{seed}"]["losses"]
+                    for seed in build["seeds"] if f"{subset.name}-s{seed}" in complete]
         if not per_seed:
             continue
         masks.append(subset.mask(plan.num_train))
@@ -666,10 +674,10 @@ def build_progress(out_dir: str | Path) -> dict:
     build = read_build(out)
     plan = SubsetPlan.load(out)
     summary: dict = {"seeds": build["seeds"]}
-    num_targets = _num_targets(out)
+    complete = _complete_outputs(out)
 
     def done(name: str) -> bool:
-        return output_is_complete(out, name, num_targets)
+        return name in complete
 
     train_times, measure_times = [], []
     for role in ("tune", "report"):
@@ -679,8 +687,7 @@ def build_progress(out_dir: str | Path) -> dict:
         subsets_all = sum(all(done(f"{n}-s{s}") for s in build["seeds"]) for n in names)
         summary[role] = {"subsets": len(names), "models_done": models, "models_total": len(names) * len(build["seeds"]),
                          "subsets_with_any_seed": subsets_any, "subsets_with_all_seeds": subsets_all}
-    for path in sorted((out / OUTPUTS_DIR).glob("*.json")):
-        record = json.loads(path.read_text())
+    for record in complete.values():
         if record.get("subset"):
             train_times.append(record.get("train_seconds"))
             measure_times.append(record.get("measure_seconds"))
