@@ -10,6 +10,8 @@ are kept in a :class:`~dtrak_core.attribution.score_cache.ScoreCache` for revers
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,11 +205,21 @@ def samples(model_dir: str, content_hash: str, seeds: tuple[int, ...]) -> list[n
     return [np.asarray(Image.open(folder / f"{s}.png").convert("RGB")) for s in seeds]
 
 
-def upscale(image: np.ndarray, side: int) -> Image.Image:
-    """Nearest-neighbour upscale by an integer factor to about ``side`` px: crisp pixels, no blur."""
+def pixel_image_url(image: np.ndarray, side: int) -> str:
+    """An (H, W, 3) uint8 image upscaled by an integer factor to about ``side`` px (nearest
+    neighbour: crisp pixels, no blur), as an inline ``data:image/png;base64,...`` URL for st.image.
+
+    Inline, because st.image otherwise serves the picture from Streamlit's media files, and a
+    run that is interrupted by a rerun deletes the files of the previous run that it had not
+    reached yet: a tile the browser had not fetched by then stays a broken image, since the next
+    run sends the same URL and the browser does not ask again. The tiles are a few KB each.
+    """
     picture = Image.fromarray(image)
     factor = max(1, side // max(picture.size))
-    return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _pick_seed(seed: int) -> None:
@@ -237,7 +249,7 @@ def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
             columns = st.columns(gallery_columns)
             for i, (seed, image) in enumerate(zip(GALLERY_SEEDS, images)):
                 with columns[i % gallery_columns]:
-                    st.image(upscale(image, 64))
+                    st.image(pixel_image_url(image, 64))
                     st.button(f"seed {seed}", key=f"pick_{seed}", on_click=_pick_seed, args=(seed,),
                               type="primary" if seed == st.session_state["seed"] else "secondary")
     seed = int(st.session_state["seed"])

@@ -36,7 +36,7 @@ def tiles(train_images: np.ndarray, table: pd.DataFrame, columns: int = 5, side:
     cols = st.columns(columns)
     for i, row in enumerate(table.itertuples(index=False)):
         with cols[i % columns]:
-            st.image(c.upscale(train_images[row.train_index], side), caption=f"#{row.rank}  score {row.score:+.3g}")
+            st.image(c.pixel_image_url(train_images[row.train_index], side), caption=f"#{row.rank}  score {row.score:+.3g}")
             st.caption(f"{row.label or ''} · `{row.file_name}`")
 
 

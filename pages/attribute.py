@@ -49,7 +49,7 @@ neutral = most_neutral(table, NEUTRAL)
 left, right = st.columns([1, 3])
 with left:
     st.subheader("Target")
-    st.image(c.upscale(target.image, 256), caption=target.label)
+    st.image(c.pixel_image_url(target.image, 256), caption=target.label)
     if target.note:
         st.caption(target.note)
     st.caption(f"Method: **{label}** · {METHODS[shown_method].summary}")

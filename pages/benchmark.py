@@ -175,7 +175,7 @@ predicted = predictions[key][index]
 actual = -losses[:, rows[index]]
 rho = float(spearman(predicted, actual))
 left, right = st.columns([1, 3])
-left.image(c.upscale(targets.images[rows[index]], 128), caption=targets.names[rows[index]])
+left.image(c.pixel_image_url(targets.images[rows[index]], 128), caption=targets.names[rows[index]])
 left.metric("LDS of this target", "undefined" if np.isnan(rho) else f"{rho:.3f}")
 scatter = go.Figure(go.Scatter(x=predicted, y=actual, mode="markers", text=subset_names,
                                marker=dict(size=7, opacity=0.7)))

@@ -47,7 +47,7 @@ for name in chosen:
         continue
     tables[name] = score_table(scores, ctx.train.metadata, ctx.train.label_column)
 
-st.image(c.upscale(target.image, 128), caption=target.label)
+st.image(c.pixel_image_url(target.image, 128), caption=target.label)
 if not tables:
     st.stop()
 columns = st.columns(len(tables))

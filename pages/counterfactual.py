@@ -43,9 +43,9 @@ def show_record(record: dict, title: str) -> None:
     st.markdown(f"**{title}**")
     folder = Path(record["folder"])
     cols = st.columns(2)
-    cols[0].image(c.upscale(np.asarray(Image.open(folder / record["before_png"]).convert("RGB")), 160),
+    cols[0].image(c.pixel_image_url(np.asarray(Image.open(folder / record["before_png"]).convert("RGB")), 160),
                   caption="before (full training set)")
-    cols[1].image(c.upscale(np.asarray(Image.open(folder / record["after_png"]).convert("RGB")), 160),
+    cols[1].image(c.pixel_image_url(np.asarray(Image.open(folder / record["after_png"]).convert("RGB")), 160),
                   caption=f"after removing {record['k']} images")
     has_cosine = "embedding_cosine" in record
     metrics = st.columns(3 if has_cosine else 2)
@@ -129,7 +129,7 @@ with left:
         show_record(record, label)
     else:
         st.markdown(f"**{label}**")
-        st.image(c.upscale(c.samples(ctx.entry.model_dir, ctx.content_hash, (seed,))[0], 160),
+        st.image(c.pixel_image_url(c.samples(ctx.entry.model_dir, ctx.content_hash, (seed,))[0], 160),
                  caption=f"seed {seed} (before); no stored result for this removal yet")
         run_or_progress(config, label)
 with right:

@@ -43,7 +43,7 @@ shown = indices[(page - 1) * PAGE: page * PAGE]
 columns = st.columns(12)
 for i, index in enumerate(shown):
     with columns[i % 12]:
-        st.image(c.upscale(ctx.train.images[index], 64), caption=str(index))
+        st.image(c.pixel_image_url(ctx.train.images[index], 64), caption=str(index))
 
 def describe(index: int) -> str:
     row = meta.iloc[index]
@@ -59,7 +59,7 @@ method = METHODS[method_name]
 K, k, lam = int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
 left, right = st.columns([1, 3])
 with left:
-    st.image(c.upscale(ctx.train.images[chosen], 192), caption=describe(chosen))
+    st.image(c.pixel_image_url(ctx.train.images[chosen], 192), caption=describe(chosen))
     st.dataframe(meta.iloc[[chosen]].T, width="stretch")
 with right:
     settings = c.feature_settings(method, K, k) if method.needs_features else None
@@ -74,7 +74,7 @@ with right:
         columns = st.columns(6)
         for i, row in enumerate(lookup.itertuples(index=False)):
             with columns[i % 6]:
-                st.image(c.upscale(np.asarray(store.image(row.key)), 96),
+                st.image(c.pixel_image_url(np.asarray(store.image(row.key)), 96),
                          caption=f"{row.label}: rank {row.rank}, score {row.score:+.3g}")
         st.dataframe(lookup, hide_index=True, width="stretch")
 c.sync_url()
