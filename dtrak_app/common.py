@@ -21,6 +21,7 @@ import streamlit as st
 from PIL import Image
 
 from dtrak_core import jobs, registry
+from dtrak_core.attribution.card import upscale
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import (APP_METHODS, DEFAULT_LAMBDA, METHODS, Method,
                                             MethodCache, score_targets)
@@ -214,11 +215,8 @@ def pixel_image_url(image: np.ndarray, side: int) -> str:
     reached yet: a tile the browser had not fetched by then stays a broken image, since the next
     run sends the same URL and the browser does not ask again. The tiles are a few KB each.
     """
-    picture = Image.fromarray(image)
-    factor = max(1, side // max(picture.size))
-    picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    upscale(image, side).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -2,7 +2,8 @@ import argparse
 
 import pytest
 
-from dtrak_core.cli import format_seeds, main, parse_seeds
+from dtrak_core.cli import main
+from dtrak_core.seeds import format_seeds, parse_seeds
 
 
 def test_format_seeds_is_the_inverse_of_parse_seeds():

@@ -32,7 +32,9 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _upscale(image: np.ndarray, side: int) -> Image.Image:
+def upscale(image: np.ndarray, side: int) -> Image.Image:
+    """Nearest-neighbour upscale of an (H, W, 3) uint8 image by an integer factor to about
+    ``side`` px: crisp pixels, no blur (the card's tiles and the app's pictures)."""
     picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
     factor = max(1, side // max(picture.size))
     return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
@@ -55,7 +57,7 @@ def render_card(target: np.ndarray, entries: Sequence[CardEntry], title: str, su
         raise ValueError(f"tile {tile} px is too small to read; expected at least 16")
     pad, text_h, header = 16, 40, 64
     rows = -(-len(entries) // columns)
-    target_img = _upscale(target, 2 * tile)
+    target_img = upscale(target, 2 * tile)
     left = pad + target_img.width + 2 * pad
     width = left + columns * (tile + pad)
     height = max(header + target_img.height + text_h + pad, header + rows * (tile + text_h) + pad)
@@ -70,7 +72,7 @@ def render_card(target: np.ndarray, entries: Sequence[CardEntry], title: str, su
     for i, entry in enumerate(entries):
         x = left + (i % columns) * (tile + pad)
         y = header + (i // columns) * (tile + text_h)
-        picture = _upscale(entry.image, tile)
+        picture = upscale(entry.image, tile)
         card.paste(picture, (x + (tile - picture.width) // 2, y + (tile - picture.height) // 2))
         draw.text((x, y + tile + 3), f"#{entry.rank}  {entry.score:+.3g}", fill=INK, font=small)
         draw.text((x, y + tile + 19), (entry.artist or entry.file_name)[:20], fill=MUTED, font=small)

@@ -12,16 +12,11 @@ import sys
 from pathlib import Path
 
 from dtrak_core.paths import MINI_MODEL_DIR, REPO_ROOT
+from dtrak_core.seeds import format_seeds, parse_seeds
 
 DEFAULT_LDS_OUT = REPO_ROOT / "benchmarks" / "lds" / "emoji3-mini"
 DEFAULT_LDS_REPORT = REPO_ROOT / "docs" / "benchmarks" / "lds.md"
 DEFAULT_CF_REPORT = REPO_ROOT / "docs" / "benchmarks" / "counterfactual.md"
-
-
-def _seed_list(text: str) -> list[int]:
-    from dtrak_core.cli import parse_seeds
-
-    return parse_seeds(text)
 
 
 def _repo_relative(path: Path) -> Path:
@@ -39,7 +34,7 @@ def _training_seeds(text: str) -> list[int]:
         if int(text) < 1:
             raise argparse.ArgumentTypeError(f"--seeds {text} must be at least 1")
         return list(range(int(text)))
-    return _seed_list(text)
+    return parse_seeds(text)
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -64,12 +59,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="epochs: same passes over the data (half the steps on half the data); steps: recipe's")
     b.add_argument("--measure-timesteps", type=int, default=100)
     b.add_argument("--measure-noise", type=int, default=1, help="noise draws per (target, t)")
-    b.add_argument("--generated-seeds", type=_seed_list, default=_seed_list("0-99"))
+    b.add_argument("--generated-seeds", type=parse_seeds, default=parse_seeds("0-99"))
     b.add_argument("--max-validation", type=int, default=None)
     b.add_argument("--extra-validation", action="append", default=[], metavar="COLUMN=VALUE",
                    help="also use the held-out images where COLUMN == VALUE (another selection of the same "
                    "dataset) as validation targets; may be added to a finished build (repeatable)")
-    b.add_argument("--ensemble-seeds", type=_seed_list, default=[],
+    b.add_argument("--ensemble-seeds", type=parse_seeds, default=[],
                    help="also retrain the full model with these seeds (for the D-TRAK ensemble)")
     b.add_argument("--keep-models", action="store_true", help="keep subset models after measuring")
     b.add_argument("--work-dir", type=Path, default=None, help="where models train (default OUT/runs)")
@@ -106,7 +101,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               description="Counterfactual check of attributions (resumable, cached). Several "
                               "target seeds or methods = batch mode, which also writes the markdown table.")
     c.add_argument("--model", type=Path, default=MINI_MODEL_DIR)
-    c.add_argument("--target-seed", type=_seed_list, required=True, help="seed(s), e.g. 3 or 0-59")
+    c.add_argument("--target-seed", type=parse_seeds, required=True, help="seed(s), e.g. 3 or 0-59")
     c.add_argument("--method", nargs="+", default=["dtrak"],
                    help="dtrak, trak, random, artist:<name> or another attribution method (several allowed)")
     c.add_argument("--k", type=int, default=None, help="images to remove (default 20%% of the training set)")
@@ -229,7 +224,6 @@ def _lds_report(args: argparse.Namespace) -> int:
 def _counterfactual(args: argparse.Namespace) -> int:
     from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, experiment_lock_path, resolve_k,
                                                       run_counterfactual, write_report)
-    from dtrak_core.cli import format_seeds
     from dtrak_core.io import try_lock
 
     results = args.results or REPO_ROOT / "benchmarks" / "counterfactual" / Path(args.model).resolve().name

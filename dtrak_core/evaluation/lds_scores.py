@@ -29,8 +29,8 @@ from dtrak_core.evaluation.lds import (RESULTS_DIR, SCORES_DIR, SELECTION_GROUP,
 from dtrak_core.evaluation.metrics import (common_factor_share, lds_per_target, lds_summary, paired_lds_difference,
                                           subset_predictions)
 from dtrak_core.evaluation.subsets import SubsetPlan
-from dtrak_core.cli import format_seeds
 from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.seeds import format_seeds
 
 #: Lambda sweep: half-decades 1e-2 .. 1e7 (the reference tuned 1e1..5e3 for DDPMs; our
 #: features have another scale, so the sweep is wide; every lambda costs one matrix product).
