@@ -1,7 +1,7 @@
 """Sampling with fixed seeds: the same (model, seed, sampler) always gives the same image.
 
 The initial noise of seed s is drawn on the CPU from ``torch.Generator().manual_seed(s)`` with
-shape (1, 3, H, W); DDPM's per-step noise comes from that same per-seed generator. Batching
+shape (1, *input_shape) of the model's task; DDPM's per-step noise comes from that same per-seed generator. Batching
 seeds together therefore changes nothing.
 """
 
@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
-from dtrak_core.progress import progress_bar
 
+from dtrak_core import paths
+from dtrak_core.conventions import model_range_to_uint8
 from dtrak_core.io import atomic_path, write_json_atomic
-from dtrak_core.models import load_pipeline, model_hash
-from dtrak_core.paths import CACHE_DIR
+from dtrak_core.models import pipeline_files_hash
+from dtrak_core.progress import progress_bar
+from dtrak_core.tasks import DiffusionTask, load_task
 
 SAMPLES_FILE = "samples.json"
 
@@ -46,38 +48,40 @@ class SamplerConfig:
 
 
 @torch.no_grad()
-def sample(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int],
-           sampler: SamplerConfig = SamplerConfig(), progress: bool = False) -> torch.Tensor:
-    """Images (len(seeds), 3, H, W) in [-1, 1], one per seed."""
+def sample(task: DiffusionTask, seeds: Sequence[int], sampler: SamplerConfig = SamplerConfig(),
+           condition: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Images (len(seeds), 3, H, W) in [-1, 1], one per seed.
+
+    The scheduler steps on the task's raw prediction (diffusers' schedulers convert epsilon, v
+    and sample predictions themselves); ``task.to_images`` turns the final x0 into pixels
+    (identity for pixel models). ``condition``: (len(seeds), ...) or None.
+    """
     sampler.validate()
-    size = unet.config.sample_size
-    channels = unet.config.in_channels
-    device = next(unet.parameters()).device
+    device = task.device
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = torch.cat([torch.randn((1, channels, size, size), generator=g) for g in generators]).to(device)
+    x = torch.cat([torch.randn((1, *task.input_shape), generator=g) for g in generators]).to(device)
     if sampler.kind == "ddim":
-        steps_scheduler = DDIMScheduler.from_config(scheduler.config)
+        steps_scheduler = DDIMScheduler.from_config(task.scheduler.config)
         steps_scheduler.set_timesteps(sampler.steps)
     else:
-        steps_scheduler = DDPMScheduler.from_config(scheduler.config)
-        steps_scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+        steps_scheduler = DDPMScheduler.from_config(task.scheduler.config)
+        steps_scheduler.set_timesteps(task.num_train_timesteps)
     for t in progress_bar(steps_scheduler.timesteps, desc="sample", disable=not progress, leave=False):
-        eps = unet(x, t.to(device)).sample
+        prediction = task.denoise(x, t.to(device), condition)
         if sampler.kind == "ddim":
-            x = steps_scheduler.step(eps, t, x, eta=sampler.eta, generator=generators).prev_sample
+            x = steps_scheduler.step(prediction, t, x, eta=sampler.eta, generator=generators).prev_sample
         else:
-            x = steps_scheduler.step(eps, t, x, generator=generators).prev_sample
-    return x.clamp(-1, 1).cpu()
+            x = steps_scheduler.step(prediction, t, x, generator=generators).prev_sample
+    return task.to_images(x).clamp(-1, 1).cpu()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(n, 3, H, W) in [-1, 1] -> RGB images."""
-    arrays = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
+    return [Image.fromarray(a) for a in model_range_to_uint8(images)]
 
 
 def default_samples_dir(model_dir: str | Path, sampler: SamplerConfig) -> Path:
-    return CACHE_DIR / "samples" / model_hash(model_dir)[:16] / sampler.tag
+    return paths.cache_dir() / "samples" / pipeline_files_hash(model_dir)[:16] / sampler.tag
 
 
 def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: SamplerConfig,
@@ -90,8 +94,8 @@ def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: Sam
     sampler.validate()
     out = Path(out_dir) if out_dir is not None else default_samples_dir(model_dir, sampler)
     out.mkdir(parents=True, exist_ok=True)
-    unet, scheduler = load_pipeline(model_dir)
-    info = {"model": str(model_dir), "model_hash": model_hash(model_dir), "sampler": asdict(sampler)}
+    task = load_task(model_dir)
+    info = {"model": str(model_dir), "model_hash": pipeline_files_hash(model_dir), "sampler": asdict(sampler)}
     index_file = out / SAMPLES_FILE
     index = json.loads(index_file.read_text()) if index_file.exists() else {**info, "seeds": []}
     if index.get("model_hash") != info["model_hash"] or index.get("sampler") != info["sampler"]:
@@ -99,7 +103,7 @@ def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: Sam
     todo = [int(s) for s in seeds if not (out / f"{int(s)}.png").exists()]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in progress_bar(batches, desc="generate", disable=not progress or not batches, unit="batch"):
-        for seed, image in zip(batch, to_pil(sample(unet, scheduler, batch, sampler))):
+        for seed, image in zip(batch, to_pil(sample(task, batch, sampler))):
             with atomic_path(out / f"{seed}.png") as tmp:
                 image.save(tmp, format="PNG")
     index["seeds"] = sorted(set(index["seeds"]) | {int(s) for s in seeds})

@@ -1,8 +1,8 @@
-"""Model architectures (named UNet presets) and pipeline-folder loading and saving.
+"""Model architectures (named UNet presets), the default scheduler, and pipeline-folder hashes.
 
-A model is a diffusers ``DDPMPipeline`` folder: ``unet/`` (UNet2DModel, safetensors) and
-``scheduler/`` (DDPMScheduler: T = 1000, linear betas, epsilon prediction), written by
-``save_pretrained``. Our training writes ``recipe.json`` beside them.
+A model is a diffusers pipeline folder written by ``save_pretrained`` (safetensors); which
+pipeline classes load is decided by ``dtrak_core.tasks`` (one task per model family). Our
+training writes ``recipe.json`` beside the pipeline.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
+
+from dtrak_core.io import sha256_bytes, sha256_file
+from dtrak_core.tasks import ModelError, load_task
 
 RECIPE_FILE = "recipe.json"
 
 # Loading a two-part pipeline takes milliseconds; diffusers' bar would only clutter our output.
 diffusers_logging.disable_progress_bar()
-
-
-class ModelError(ValueError):
-    """A model folder is not a pipeline we can load; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -65,53 +64,42 @@ UNET_PRESETS: dict[str, UNetPreset] = {
 }
 
 
-def make_scheduler() -> DDPMScheduler:
-    """The D-TRAK setup: T = 1000, linear betas 1e-4..0.02, epsilon prediction."""
+def make_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The D-TRAK setup: T = 1000, linear betas 1e-4..0.02, epsilon prediction by default."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                         beta_end=0.02, prediction_type="epsilon", clip_sample=True)
-
-
-def load_pipeline(model_dir: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load ``(unet, scheduler)`` from a DDPMPipeline folder, with a clear error if it is not one."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model_index.json"
-    if not model_dir.is_dir():
-        raise ModelError(f"model folder {model_dir} does not exist")
-    if not index.exists():
-        raise ModelError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
-    import json
-
-    try:
-        class_name = json.loads(index.read_text()).get("_class_name")
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{index} is not valid JSON: {error}") from None
-    if class_name != "DDPMPipeline":
-        raise ModelError(f"{model_dir} holds a {class_name}; only DDPMPipeline (unconditional "
-                         "UNet2DModel + DDPMScheduler) is supported for now")
-    try:
-        # low_cpu_mem_usage=False: the models are small, and it avoids a warning about accelerate.
-        pipeline = DDPMPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
-                                                low_cpu_mem_usage=False)
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise ModelError(f"could not load the pipeline in {model_dir}: {error}") from None
-    unet = pipeline.unet.eval()
-    return unet, pipeline.scheduler
-
-
-def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, model_dir: str | Path) -> None:
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(model_dir, safe_serialization=True)
+                         beta_end=0.02, prediction_type=prediction_type, clip_sample=True)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_hash(model_dir: str | Path) -> str:
-    """Content hash of a pipeline folder: the UNet weights file and the two configs."""
-    from dtrak_core.io import sha256_bytes, sha256_file
+def pipeline_files_hash(model_dir: str | Path) -> str:
+    """sha256 over the files of a DDPMPipeline folder: the UNet weights file and the two configs.
 
+    A hash of the folder's *files* (what a build records to recognise a model folder); compare
+    ``hashing.state_dict_hash``, a hash of the loaded tensors.
+    """
     model_dir = Path(model_dir)
     parts = [sha256_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors"),
              sha256_file(model_dir / "unet" / "config.json"),
              sha256_file(model_dir / "scheduler" / "scheduler_config.json")]
     return sha256_bytes("".join(parts).encode())
+
+
+__all__ = ["RECIPE_FILE", "UNET_PRESETS", "UNetPreset", "ModelError", "make_scheduler", "count_parameters",
+           "pipeline_files_hash", "load_task"]
+
+
+# TRANSITIONAL (removed once every caller uses tasks): old names.
+model_hash = pipeline_files_hash
+
+
+def load_pipeline(model_dir):  # TRANSITIONAL
+    task = load_task(model_dir)
+    return task.denoiser, task.scheduler
+
+
+def save_pipeline(unet, scheduler, model_dir) -> None:  # TRANSITIONAL
+    from dtrak_core.tasks import UnconditionalPixelTask
+    UnconditionalPixelTask(unet, scheduler).save(model_dir)

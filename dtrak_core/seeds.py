@@ -1,8 +1,30 @@
-"""Seed lists as written on command lines and in committed commands: '0-3,7' <-> [0, 1, 2, 3, 7]."""
+"""Seeds: the two seed derivations, and seed lists as written on command lines ('0-3,7' <-> [0, 1, 2, 3, 7]).
+
+Two derivations exist because stored results depend on each, bit for bit; their algorithms
+never change:
+
+- :func:`experiment_seed` seeds what training and evaluation draw: training batches, timesteps
+  and noise, the (t, eps) draws of the diffusion loss, LDS subsets, counterfactual removals;
+- :func:`feature_seed` seeds what attribution draws: the noise of a feature (seed, sample id,
+  t) and the blocks of the random projections.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+
+
+def experiment_seed(*parts: int | str) -> int:
+    """63-bit seed: sha256 of "/".join(parts), first 8 bytes big-endian, shifted right by one."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def feature_seed(*parts: object) -> int:
+    """63-bit seed: sha256 of ":".join(parts), first 8 bytes little-endian, top bit cleared."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def parse_seeds(text: str) -> list[int]:

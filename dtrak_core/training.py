@@ -24,12 +24,14 @@ from typing import Iterator
 
 import torch
 from diffusers import UNet2DModel
-from dtrak_core.progress import progress_bar
 
 from dtrak_core.datasets import ImageFolderDataset, load_image_folder
-from dtrak_core.diffusion import add_noise, generator
+from dtrak_core.diffusion import diffusion_loss, generator
 from dtrak_core.io import atomic_path, write_json_atomic
-from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_scheduler, save_pipeline
+from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_scheduler
+from dtrak_core.progress import progress_bar
+from dtrak_core.tasks import Batch, DiffusionTask, UnconditionalPixelTask, load_task
+from dtrak_core.tasks.prediction import PREDICTION_TYPES
 
 STATE_FILE = "train_state.pt"
 # Settings a resumed run may change: none of them changes the weights of a given step.
@@ -61,8 +63,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: bool = False
+    prediction_type: str = "epsilon"
 
     def validate(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES.names()}")
         if self.preset not in UNET_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {sorted(UNET_PRESETS)}")
         for name in ("steps", "batch_size", "image_size", "checkpoint_every"):
@@ -157,8 +162,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
                              "use another --out or delete it")
     write_json_atomic(config_file, asdict(config))
 
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(config.prediction_type)
     model = UNET_PRESETS[config.preset].build(config.image_size, seed=config.seed).train()
+    task = UnconditionalPixelTask(model, scheduler)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.95, 0.999),
                                   weight_decay=config.weight_decay)
@@ -171,7 +177,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         step, wall_seconds = int(state["step"]), float(state["wall_seconds"])
         losses = state["losses"].tolist()
 
-    n, T = len(data), scheduler.config.num_train_timesteps
+    n, T = len(data), task.num_train_timesteps
     bar = progress_bar(total=config.steps, initial=step, desc="train", disable=not progress, unit="step")
     started, loss_ema = time.time() - wall_seconds, (losses[-1] if losses else None)
     while step < config.steps:
@@ -179,8 +185,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         g = generator(config.seed, "step", step)
         timesteps = torch.randint(0, T, (len(rows),), generator=g)
         noise = torch.randn(x_all[rows].shape, generator=g)
-        x_t = add_noise(scheduler, x_all[rows], noise, timesteps)
-        loss = (model(x_t, timesteps).sample - noise).pow(2).mean()
+        inputs = task.prepare(Batch(x_all[rows], rows.tolist()))
+        x_t = task.schedule.add_noise_as_trained(inputs.x0, noise, timesteps)
+        target = task.training_target(inputs.x0, noise, timesteps)
+        loss = (task.denoise(x_t, timesteps, inputs.condition) - target).pow(2).mean()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +205,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             if config.keep_checkpoints:
                 _keep_checkpoint(model, out_dir / "checkpoints" / f"step-{step:07d}")
             _save_state(out_dir, model, ema, optimizer, step, wall_seconds, losses)
-            _write_pipeline(out_dir, ema, scheduler, _recipe(config, data, model, step, wall_seconds, losses))
+            _write_pipeline(out_dir, UnconditionalPixelTask(ema, scheduler),
+                            _recipe(config, data, model, step, wall_seconds, losses))
     bar.close()
     return out_dir
 
@@ -209,11 +218,11 @@ def _keep_checkpoint(model: UNet2DModel, folder: Path) -> None:
     half.save_pretrained(folder, safe_serialization=True)
 
 
-def _write_pipeline(out_dir: Path, ema: UNet2DModel, scheduler, recipe: dict) -> None:
+def _write_pipeline(out_dir: Path, task: DiffusionTask, recipe: dict) -> None:
     """Write the EMA pipeline beside ``out_dir`` and swap it in, so readers never see half of it."""
     staging = out_dir / ".pipeline.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    save_pipeline(ema, scheduler, staging)
+    task.save(staging)
     for part in ("unet", "scheduler"):
         shutil.rmtree(out_dir / part, ignore_errors=True)
         (staging / part).rename(out_dir / part)
@@ -224,27 +233,25 @@ def _write_pipeline(out_dir: Path, ema: UNet2DModel, scheduler, recipe: dict) ->
 
 @contextlib.contextmanager
 def untrained_copy(model_dir: str | Path) -> Iterator[Path]:
-    """A temporary pipeline folder with the same UNet config, freshly initialised (seed 0)."""
-    from dtrak_core.models import load_pipeline
-
-    unet, scheduler = load_pipeline(model_dir)
+    """A temporary pipeline folder with the same denoiser config, freshly initialised (seed 0)."""
+    task = load_task(model_dir)
     torch.manual_seed(0)
-    fresh = UNet2DModel.from_config(unet.config)
+    fresh = type(task)(type(task.denoiser).from_config(task.denoiser.config), task.scheduler)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pipeline(fresh, scheduler, tmp)
+        fresh.save(tmp)
         yield Path(tmp)
 
 
 def held_out_loss(model_dir: str | Path, data: ImageFolderDataset, seed: int = 0,
                   num_timesteps: int = 100) -> float:
-    """Mean diffusion loss of a model on ``data`` over ``num_timesteps`` uniform t, fixed noise."""
-    from dtrak_core.diffusion import diffusion_loss
-    from dtrak_core.models import load_pipeline
-
-    unet, scheduler = load_pipeline(model_dir)
-    T = scheduler.config.num_train_timesteps
+    """Mean diffusion loss (in epsilon space, whatever the model predicts) of a model on ``data``
+    over ``num_timesteps`` uniform t of the model's own T, with fixed noise."""
+    task = load_task(model_dir)
+    T = task.num_train_timesteps
+    if not 1 <= num_timesteps <= T:
+        raise ValueError(f"num_timesteps {num_timesteps} must be between 1 and T={T} of {model_dir}")
     timesteps = list(range(0, T, T // num_timesteps))
-    ids = list(range(len(data)))
-    return float(diffusion_loss(unet, scheduler, data.to_tensor(), ids, timesteps, seed).mean())
+    inputs = task.prepare(Batch(data.to_tensor(), list(range(len(data)))))
+    return float(diffusion_loss(task, inputs, timesteps, seed).mean())
 
 

@@ -6,24 +6,24 @@ import torch
 from PIL import Image
 
 from dtrak_core.generation import SamplerConfig, generate_to_folder, image_grid, sample, to_pil
-from dtrak_core.models import load_pipeline
+from dtrak_core.tasks import load_task
 
 FAST = SamplerConfig(kind="ddim", steps=5)
 
 
 def test_same_seed_same_image(tiny_model_dir):
-    unet, scheduler = load_pipeline(tiny_model_dir)
-    a = sample(unet, scheduler, [3, 7], FAST)
-    b = sample(unet, scheduler, [3, 7], FAST)
+    task = load_task(tiny_model_dir)
+    a = sample(task, [3, 7], FAST)
+    b = sample(task, [3, 7], FAST)
     assert torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])
 
 
 def test_seed_result_does_not_depend_on_batch(tiny_model_dir):
-    unet, scheduler = load_pipeline(tiny_model_dir)
+    task = load_task(tiny_model_dir)
     for sampler in (FAST, SamplerConfig(kind="ddpm")):
-        together = sample(unet, scheduler, [1, 2, 3], sampler)
-        alone = sample(unet, scheduler, [2], sampler)
+        together = sample(task, [1, 2, 3], sampler)
+        alone = sample(task, [2], sampler)
         assert torch.allclose(together[1], alone[0], atol=1e-4)
 
 
@@ -34,8 +34,8 @@ def test_generate_to_folder_writes_images_and_settings(tiny_model_dir, tmp_path)
     first = np.asarray(Image.open(out / "0.png"))
     assert first.shape == (16, 16, 3)
     # Regenerating from the recorded settings gives the same pixels.
-    unet, scheduler = load_pipeline(tiny_model_dir)
-    again = np.asarray(to_pil(sample(unet, scheduler, [0], SamplerConfig(**info["sampler"])))[0])
+    task = load_task(tiny_model_dir)
+    again = np.asarray(to_pil(sample(task, [0], SamplerConfig(**info["sampler"])))[0])
     assert np.abs(first.astype(int) - again.astype(int)).max() <= 1
     # Existing seeds are kept, new ones added.
     (out / "0.png").write_bytes((out / "0.png").read_bytes())

@@ -61,13 +61,14 @@ def _unet():
 def feature_digests() -> dict[str, str]:
     from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
     from dtrak_core.models import make_scheduler
+    from dtrak_core.tasks import Batch, UnconditionalPixelTask
 
     out = {}
     cases = [(f, "sjlt") for f in OUTPUT_FUNCTIONS] + [("square", p) for p in PROJECTORS if p != "sjlt"]
     for output_fn, projector in cases:
         settings = FeatureSettings(output_fn=output_fn, projector=projector, projection_dim=64,
                                    num_timesteps=3, device="cpu", batch_size=2)
-        featurizer = Featurizer.create(_unet(), make_scheduler(), settings)
+        featurizer = Featurizer.create(UnconditionalPixelTask(_unet(), make_scheduler()), settings)
         rows = [features for _, _, features in featurizer.iter_features(_images(), [5, 9, 1 << 40])]
         out[f"features/{output_fn}/{projector}"] = _digest(np.concatenate(rows))
     # The store key of the last case: old feature folders stay valid only while it holds.
@@ -86,7 +87,7 @@ def training_digests(tmp: Path) -> dict[str, str]:
     from dtrak_core.datasets import load_image_folder
     from dtrak_core.diffusion import diffusion_loss
     from dtrak_core.generation import SamplerConfig, sample
-    from dtrak_core.models import load_pipeline
+    from dtrak_core.tasks import Batch, load_task
     from dtrak_core.training import TrainConfig, train
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,11 +97,11 @@ def training_digests(tmp: Path) -> dict[str, str]:
     config = TrainConfig(data_dir=str(data), out_dir=str(tmp / "model"), preset="tiny", image_size=16,
                          steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2)
     model_dir = train(config, progress=False)
-    unet, scheduler = load_pipeline(model_dir)
+    task = load_task(model_dir)
     x0 = load_image_folder(data, split="train").to_tensor()
-    losses = diffusion_loss(unet, scheduler, x0, list(range(len(x0))), [0, 499, 999], seed=3)
-    images = sample(unet, scheduler, [0, 1], SamplerConfig(steps=4))
-    return {"train/ema_weights": model_weights_hash(unet)[:24],
+    losses = diffusion_loss(task, task.prepare(Batch(x0, list(range(len(x0))))), [0, 499, 999], seed=3)
+    images = sample(task, [0, 1], SamplerConfig(steps=4))
+    return {"train/ema_weights": model_weights_hash(task.denoiser)[:24],
             "diffusion_loss": _digest(losses.numpy()),
             "sample/ddim4": _digest(images.numpy())}
 

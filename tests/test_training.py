@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from dtrak_core.datasets import load_image_folder
 from dtrak_core.diffusion import diffusion_loss
-from dtrak_core.models import ModelError, load_pipeline, save_pipeline
+from dtrak_core.models import ModelError
+from dtrak_core.tasks import Batch, UnconditionalPixelTask, load_task
 from dtrak_core.training import TrainConfig, batch_indices, learning_rate_at, train
 
 
@@ -28,10 +29,10 @@ def test_training_reduces_the_loss(image_folder, tmp_path):
                 progress=False)
     from dtrak_core.models import UNET_PRESETS, make_scheduler
 
-    untrained = UNET_PRESETS["tiny"].build(16, seed=0).eval()
-    trained, scheduler = load_pipeline(out)
-    before = diffusion_loss(untrained, make_scheduler(), x0, ids, timesteps).mean()
-    after = diffusion_loss(trained, scheduler, x0, ids, timesteps).mean()
+    untrained = UnconditionalPixelTask(UNET_PRESETS["tiny"].build(16, seed=0).eval(), make_scheduler())
+    trained = load_task(out)
+    before = diffusion_loss(untrained, untrained.prepare(Batch(x0, ids)), timesteps).mean()
+    after = diffusion_loss(trained, trained.prepare(Batch(x0, ids)), timesteps).mean()
     assert after < 0.8 * before
 
 
@@ -71,23 +72,24 @@ def test_recipe_records_data_subset_and_hash(image_folder, tmp_path):
 
 
 def test_save_load_round_trip_gives_identical_outputs(tiny_model_dir, tmp_path):
-    unet, scheduler = load_pipeline(tiny_model_dir)
-    save_pipeline(unet, scheduler, tmp_path / "copy")
-    again, _ = load_pipeline(tmp_path / "copy")
+    task = load_task(tiny_model_dir)
+    unet = task.denoiser
+    task.save(tmp_path / "copy")
+    again = load_task(tmp_path / "copy").denoiser
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(unet(x, t).sample, again(x, t).sample)
 
 
-def test_load_pipeline_errors(tmp_path, image_folder):
+def test_load_task_errors(tmp_path, image_folder):
     with pytest.raises(ModelError, match="does not exist"):
-        load_pipeline(tmp_path / "nope")
+        load_task(tmp_path / "nope")
     with pytest.raises(ModelError, match="not a diffusers pipeline folder"):
-        load_pipeline(image_folder)
+        load_task(image_folder)
     (tmp_path / "sd").mkdir()
-    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    with pytest.raises(ModelError, match="StableDiffusionPipeline; only DDPMPipeline"):
-        load_pipeline(tmp_path / "sd")
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ModelError, match="holds a KandinskyPipeline; supported pipelines: DDPMPipeline"):
+        load_task(tmp_path / "sd")
 
 
 def test_batches_cover_each_epoch_once():

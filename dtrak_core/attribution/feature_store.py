@@ -31,7 +31,7 @@ import torch
 
 import dtrak_core
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
-from dtrak_core.attribution.output_functions import NoiseSchedule
+from dtrak_core.schedule import NoiseSchedule
 from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
 from dtrak_core.paths import CACHE_DIR
 from dtrak_core.progress import progress_bar
@@ -215,7 +215,7 @@ def compute_features(
             "key": key, "identity": identity, "status": "running", "shape": [n, k],
             "dtype": "float32", "rows_done": 0, "batches_done": 0,
             "settings": featurizer.settings.to_dict(), "timesteps": featurizer.timesteps,
-            "projector": featurizer.projector.describe(), "num_parameters": featurizer.num_parameters,
+            "computer": featurizer.computer.describe(), "num_parameters": featurizer.num_parameters,
             "num_selected_tensors": len(featurizer.param_names), "versions": _versions(),
             "created": _now(),
         }

@@ -1,8 +1,9 @@
-"""TRAK / D-TRAK features: phi(z) = P^T (1/K) sum_{t in T_K} grad_theta f(theta; x_t, t).
+"""TRAK / D-TRAK features: phi(z) = P^T (1/K) sum_{t in T_K} grad_theta f(theta; x_t, t[, c]).
 
 :class:`FeatureSettings` says how (output function, timesteps, projector, k, seed, parameter
 filter, batch size, device, dtype); :class:`Featurizer` turns batches of clean images into
-float32 features (B, k). The settings that change the numbers are in
+float32 features (B, k) through a model's task (``dtrak_core.tasks``) and a feature computer
+(``feature_computers``). The settings that change the numbers are in
 :meth:`FeatureSettings.key_fields`; batch size, device and timestep chunking are not, because
 features do not depend on them (up to float rounding): the noise of a sample is a function of
 (seed, sample id, t) only, see ``timesteps``.
@@ -16,14 +17,20 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dtrak_core.attribution.gradients import make_vmap_friendly, per_sample_gradients, select_parameters
-from dtrak_core.attribution.output_functions import (DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS,
-                                                     NoiseSchedule, get_output_function)
-from dtrak_core.attribution.projectors import PROJECTOR_KINDS, Projector, make_projector
-from dtrak_core.attribution.timesteps import DEFAULT_NUM_TIMESTEPS, batch_noise, resolve_timesteps
+from dtrak_core.attribution.feature_computers import (DTYPES, FEATURE_COMPUTERS, FeatureComputer,
+                                                      PerSampleGradientProjection)
+from dtrak_core.attribution.gradients import make_vmap_friendly, select_parameters
+from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
+from dtrak_core.attribution.projectors import PROJECTOR_KINDS
+from dtrak_core.attribution.timesteps import batch_noise, resolve_timesteps
+from dtrak_core.conventions import DEFAULT_NUM_TIMESTEPS, DEFAULT_PROJECTION_DIM
+from dtrak_core.schedule import NoiseSchedule
+from dtrak_core.tasks import Batch, DiffusionInputs, DiffusionTask
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
+#: The feature computer of format-1 features (before computers were pluggable): its name does not
+#: enter the cache key, so features computed before stay valid.
+DEFAULT_COMPUTER = "per-sample-gradients"
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,14 @@ class FeatureSettings:
         timestep_chunk: timesteps evaluated together per sample.
         device: "auto" (cuda when available), "cpu" or "cuda".
         dtype: "fp32", or "bf16" / "fp16" autocast for the forward pass (gradients stay fp32).
+        computer: name in ``FEATURE_COMPUTERS`` (how features are computed from the inputs).
     """
 
     output_fn: str = DEFAULT_OUTPUT_FUNCTION
     num_timesteps: int = DEFAULT_NUM_TIMESTEPS
     timesteps: tuple[int, ...] | None = None
     projector: str = "sjlt"
-    projection_dim: int = 2048
+    projection_dim: int = DEFAULT_PROJECTION_DIM
     sparsity: int = 4
     seed: int = 0
     params: str = "all"
@@ -58,6 +66,7 @@ class FeatureSettings:
     timestep_chunk: int = 10
     device: str = "auto"
     dtype: str = "fp32"
+    computer: str = DEFAULT_COMPUTER
 
     def __post_init__(self) -> None:
         if self.output_fn not in OUTPUT_FUNCTIONS:
@@ -81,6 +90,8 @@ class FeatureSettings:
             raise ValueError(f"device {self.device!r} is not one of {list(DEVICES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.computer not in FEATURE_COMPUTERS:
+            raise ValueError(f"unknown feature computer {self.computer!r}; expected one of {FEATURE_COMPUTERS.names()}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +107,8 @@ class FeatureSettings:
             fields["sparsity"] = None
         if self.projector == "identity":
             fields["projection_dim"] = None
+        if self.computer == DEFAULT_COMPUTER:
+            fields.pop("computer")
         return fields
 
 
@@ -110,71 +123,77 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Featurizer:
-    """Computes phi for batches of images with one model and one :class:`FeatureSettings`.
+    """Computes phi for batches of one task (model family + model) with one :class:`FeatureSettings`.
 
-    Build with :meth:`create`; the model is moved to the device, put in eval mode and given a
-    vmap-friendly attention processor (the instance is modified; nothing global).
+    Build with :meth:`create`; the denoiser is moved to the device, put in eval mode and given a
+    vmap-friendly attention processor (the instance is modified; nothing global). The featurizer
+    draws the noise and the timesteps; its :class:`FeatureComputer` turns them into features.
     """
 
-    model: torch.nn.Module
-    schedule: NoiseSchedule
+    task: DiffusionTask
     settings: FeatureSettings
     device: torch.device
-    param_names: list[str]
-    timesteps: list[int]
-    projector: Projector
-    image_shape: tuple[int, int, int] = field(default=(3, 0, 0))
+    computer: FeatureComputer
 
     @classmethod
-    def create(cls, model: torch.nn.Module, scheduler, settings: FeatureSettings) -> "Featurizer":
-        prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise ValueError(f"the scheduler predicts {prediction!r}; the output functions are defined "
-                             "for epsilon prediction only")
+    def create(cls, task: DiffusionTask, settings: FeatureSettings) -> "Featurizer":
         device = resolve_device(settings.device)
-        model = model.to(device).eval()
+        task.to(device)
+        model = task.denoiser.eval()
         make_vmap_friendly(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        schedule = NoiseSchedule.from_scheduler(scheduler)
-        timesteps = resolve_timesteps(settings.num_timesteps, settings.timesteps, schedule.num_train_timesteps)
+        timesteps = resolve_timesteps(settings.num_timesteps, settings.timesteps, task.num_train_timesteps)
         param_names = select_parameters(model, settings.params)
-        sizes = dict((n, p.numel()) for n, p in model.named_parameters())
-        p = sum(sizes[n] for n in param_names)
-        k = p if settings.projector == "identity" else settings.projection_dim
-        if k > p:
-            raise ValueError(f"projection dimension k={k} exceeds the number of selected gradient "
-                             f"coordinates p={p}; choose k <= {p}")
-        projector = make_projector(settings.projector, p, k, settings.seed, param_names, settings.sparsity)
-        config = getattr(model, "config", None)
-        size = getattr(config, "sample_size", 0) or 0
-        size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        channels = int(getattr(config, "in_channels", 3) or 3)
-        return cls(model, schedule.to(device), settings, device, param_names, timesteps, projector,
-                   (channels, size, size))
+        computer = FEATURE_COMPUTERS.get(settings.computer)(task, settings, param_names, timesteps)
+        return cls(task, settings, device, computer)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.task.denoiser
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.task.schedule
+
+    @property
+    def param_names(self) -> list[str]:
+        return self.computer.param_names
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.computer.timesteps
 
     @property
     def feature_dim(self) -> int:
-        return self.projector.output_dim
+        return self.computer.feature_dim
 
     @property
     def num_parameters(self) -> int:
-        return self.projector.input_dim
+        return self.computer.num_parameters
+
+    def _inputs_and_noise(self, batch: Batch) -> tuple[DiffusionInputs, torch.Tensor]:
+        inputs = self.task.prepare(batch)
+        noise = batch_noise(self.settings.seed, inputs.sample_ids, self.timesteps, tuple(inputs.x0.shape[1:]))
+        return inputs, noise.to(self.device)
 
     def gradients(self, images: torch.Tensor, sample_ids: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Timestep-averaged per-sample gradients (unprojected) for images (B, C, H, W) in [-1, 1]."""
-        if images.shape[0] != len(sample_ids):
-            raise ValueError(f"{images.shape[0]} images but {len(sample_ids)} sample ids")
-        noise = batch_noise(self.settings.seed, sample_ids, self.timesteps, tuple(images.shape[1:]))
-        return per_sample_gradients(
-            self.model, self.param_names, images.to(self.device, torch.float32), noise.to(self.device),
-            self.timesteps, get_output_function(self.settings.output_fn), self.schedule,
-            self.settings.timestep_chunk, DTYPES[self.settings.dtype])
+        """Timestep-averaged per-sample gradients (unprojected) for images (B, C, H, W) in [-1, 1]
+        (the per-sample-gradient computer only)."""
+        if not isinstance(self.computer, PerSampleGradientProjection):
+            raise ValueError(f"the {self.settings.computer!r} feature computer forms no per-sample gradients")
+        return self.computer.gradients(*self._inputs_and_noise(Batch(images, list(sample_ids))))
+
+    def featurize(self, batch: Batch) -> np.ndarray:
+        """phi for one batch -> float32 array (B, k)."""
+        if batch.images.shape[0] != len(batch.sample_ids):
+            raise ValueError(f"{batch.images.shape[0]} images but {len(batch.sample_ids)} sample ids")
+        features = self.computer.compute(*self._inputs_and_noise(batch))
+        return features.cpu().numpy().astype(np.float32, copy=False)
 
     def featurize_batch(self, images: torch.Tensor, sample_ids: Sequence[int]) -> np.ndarray:
-        """phi for one batch: images (B, C, H, W) in [-1, 1] -> float32 array (B, k)."""
-        grads = self.gradients(images, sample_ids)
-        return self.projector.project(grads).cpu().numpy().astype(np.float32, copy=False)
+        """phi for images (B, C, H, W) in [-1, 1] without captions or labels -> float32 (B, k)."""
+        return self.featurize(Batch(images, list(sample_ids)))
 
     def iter_features(self, images: torch.Tensor, sample_ids: Sequence[int] | None = None,
                       start: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -128,7 +128,7 @@ class MethodCache:
         key = (model.weights_hash, model.scheduler_hash, id(model.unet), tuple(sorted(settings.to_dict().items())))
         with self._lock:
             if key not in self._featurizers:
-                self._featurizers[key] = Featurizer.create(model.unet, model.scheduler, settings)
+                self._featurizers[key] = Featurizer.create(model.task, settings)
             return self._featurizers[key]
 
     def kernel(self, features: FeatureSet) -> scorers.KernelScorer:

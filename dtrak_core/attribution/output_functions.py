@@ -6,7 +6,8 @@ that ignore the true noise eps (``square``, ``avg``, ``l1``, ``l2``) beat the tr
 
 Every function here has the signature ``f(eps_pred, eps, t, schedule) -> scalar tensor`` with
 
-- ``eps_pred``: (C, H, W), the UNet prediction eps_theta(x_t, t) for one sample,
+- ``eps_pred``: (C, H, W), the model's prediction in epsilon space eps_theta(x_t, t) for one
+  sample (converted from v or x0 prediction by the model's task),
 - ``eps``: (C, H, W), the Gaussian noise that made x_t,
 - ``t``: 0-d integer tensor, the timestep,
 - ``schedule``: :class:`NoiseSchedule`, the scheduler's coefficients.
@@ -17,56 +18,11 @@ them. To add one: write the function and add it to :data:`OUTPUT_FUNCTIONS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 
-
-@dataclass(frozen=True)
-class NoiseSchedule:
-    """Coefficients of a DDPM noise schedule, each a float32 tensor of shape (T,).
-
-    ``alphas[t] = 1 - betas[t]``, ``alphas_cumprod[t] = prod_{s<=t} alphas[s]`` (abar_t),
-    ``elbo_weights[t] = beta_t / (2 alpha_t (1 - abar_t))``. Derived coefficients are computed
-    from the betas in float64 (1 - abar_0 = 1e-4 loses 3 digits in float32) and then rounded.
-    """
-
-    betas: torch.Tensor
-    alphas: torch.Tensor
-    alphas_cumprod: torch.Tensor
-    sqrt_alphas_cumprod: torch.Tensor
-    sqrt_one_minus_alphas_cumprod: torch.Tensor
-    elbo_weights: torch.Tensor
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.betas.shape[0])
-
-    @classmethod
-    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
-        """Read the coefficients of a diffusers ``DDPMScheduler`` (or anything with the same attributes)."""
-        return cls.from_betas(torch.as_tensor(scheduler.betas))
-
-    @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
-        betas = torch.as_tensor(betas, dtype=torch.float64)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        one_minus = 1.0 - alphas_cumprod
-        elbo = betas / (2.0 * alphas * one_minus)
-        return cls(*(x.float() for x in (betas, alphas, alphas_cumprod, alphas_cumprod.sqrt(),
-                                         one_minus.sqrt(), elbo)))
-
-    def to(self, device: torch.device | str) -> "NoiseSchedule":
-        return NoiseSchedule(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; ``t`` of shape (B,) broadcasts over (B, C, H, W)."""
-        shape = (-1, *([1] * (x0.dim() - 1)))
-        return (self.sqrt_alphas_cumprod[t].reshape(shape) * x0
-                + self.sqrt_one_minus_alphas_cumprod[t].reshape(shape) * eps)
-
+from dtrak_core.schedule import NoiseSchedule
 
 OutputFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, NoiseSchedule], torch.Tensor]
 

@@ -20,34 +20,37 @@ from dtrak_core.attribution.feature_store import (FeatureSet, compute_features, 
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.scorers import KernelScorer, check_lambda
 from dtrak_core.datasets.imagefolder import DatasetError, ImageFolderDataset, load_image_folder
-from dtrak_core.models import RECIPE_FILE, load_pipeline
+from dtrak_core.models import RECIPE_FILE
+from dtrak_core.tasks import DiffusionTask, load_task
 
 
 @dataclass
 class LoadedModel:
-    """A pipeline folder's UNet and scheduler with their content hashes."""
+    """A pipeline folder loaded as its task (``dtrak_core.tasks``), with its content hashes."""
 
     path: Path
-    unet: torch.nn.Module
-    scheduler: object
+    task: DiffusionTask
     weights_hash: str
     scheduler_hash: str
 
     @property
+    def unet(self) -> torch.nn.Module:
+        return self.task.denoiser
+
+    @property
+    def scheduler(self):
+        return self.task.scheduler
+
+    @property
     def sample_size(self) -> int:
-        size = self.unet.config.sample_size
-        if isinstance(size, (tuple, list)):
-            if len(set(size)) != 1:
-                raise ValueError(f"the model in {self.path} has a non-square sample size {tuple(size)}; "
-                                 "only square images are supported")
-            size = size[0]
-        return int(size)
+        """The side of the images the model takes (square images only)."""
+        return int(self.task.input_shape[-1])
 
 
 def load_model(model_dir: str | Path) -> LoadedModel:
-    """Load a DDPMPipeline folder (``ModelError`` if it is not one) and hash it."""
-    unet, scheduler = load_pipeline(model_dir)
-    return LoadedModel(Path(model_dir), unet, scheduler, model_weights_hash(unet), scheduler_hash(scheduler))
+    """Load a pipeline folder as its task (``ModelError`` if no task loads it) and hash it."""
+    task = load_task(model_dir)
+    return LoadedModel(Path(model_dir), task, model_weights_hash(task.denoiser), scheduler_hash(task.scheduler))
 
 
 def load_dataset_for(model: LoadedModel, data_dir: str | Path, split: str | None = None,
@@ -71,7 +74,7 @@ def featurize(model: LoadedModel, dataset: ImageFolderDataset, settings: Feature
               featurizer: Featurizer | None = None, description: str = "features") -> FeatureSet:
     """Cached features of every image of ``dataset`` (sample ids = row indices)."""
     check_dataset_fits(dataset, model)
-    featurizer = featurizer or Featurizer.create(model.unet, model.scheduler, settings)
+    featurizer = featurizer or Featurizer.create(model.task, settings)
     return compute_features(featurizer, dataset.to_tensor(), dataset.content_hash, root=root,
                             model_hash=model.weights_hash, sched_hash=model.scheduler_hash,
                             progress=progress, description=description)
@@ -185,7 +188,7 @@ def feature_status(model: LoadedModel, dataset: ImageFolderDataset, settings: Fe
                    root: str | Path | None = None) -> FeatureStatus:
     """Whether :func:`featurize` would find the features of ``dataset`` ready (cheap: hashes only)."""
     from dtrak_core.attribution.feature_store import feature_identity, feature_key, read_manifest, schedule_hash
-    from dtrak_core.attribution.output_functions import NoiseSchedule
+    from dtrak_core.schedule import NoiseSchedule
     from dtrak_core.paths import CACHE_DIR
 
     identity = feature_identity(model.weights_hash, model.scheduler_hash, dataset.content_hash, settings,

@@ -1,7 +1,7 @@
 """Which timesteps a feature averages over, and the noise drawn at each.
 
 Timesteps: ``K`` uniform steps of ``T``, ``{floor(i T / K) : i = 0..K-1}`` (``{0, 100, ..., 900}``
-for K = 10, T = 1000, as in D-TRAK), or an explicit list.
+for K = 10, T = 1000; T is always the model's own, as in D-TRAK), or an explicit list.
 
 Noise: the reference D-TRAK code seeds the noise by (seed, t) and the sample's batch position,
 so a sample's feature changes with the batch size. Here every draw eps(seed, sample_id, t) has
@@ -11,15 +11,15 @@ so a sample's feature is the same whatever batch, position or device computes it
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 
-DEFAULT_NUM_TIMESTEPS = 10
+from dtrak_core.conventions import DEFAULT_NUM_TIMESTEPS
+from dtrak_core.seeds import feature_seed
 
 
-def uniform_timesteps(num_timesteps: int, num_train_timesteps: int = 1000) -> list[int]:
+def uniform_timesteps(num_timesteps: int, num_train_timesteps: int) -> list[int]:
     """The ``K`` timesteps ``floor(i T / K)``, i = 0..K-1, all distinct for 1 <= K <= T."""
     if not 1 <= num_timesteps <= num_train_timesteps:
         raise ValueError(f"number of timesteps K={num_timesteps} must be between 1 and "
@@ -44,10 +44,7 @@ def resolve_timesteps(
     return steps
 
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from a hash of ``parts`` (stable across runs, platforms and Python versions)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+derive_seed = feature_seed  # TRANSITIONAL
 
 
 def sample_noise(
@@ -55,13 +52,13 @@ def sample_noise(
 ) -> torch.Tensor:
     """Noise for one sample at each timestep, float32 CPU tensor of shape (K, *shape).
 
-    Row i is drawn from a generator seeded by ``derive_seed("noise", seed, sample_id, t_i)``,
+    Row i is drawn from a generator seeded by ``feature_seed("noise", seed, sample_id, t_i)``,
     so it depends on nothing else.
     """
     out = torch.empty((len(timesteps), *shape), dtype=torch.float32)
     generator = torch.Generator(device="cpu")
     for i, t in enumerate(timesteps):
-        generator.manual_seed(derive_seed("noise", seed, int(sample_id), int(t)))
+        generator.manual_seed(feature_seed("noise", seed, int(sample_id), int(t)))
         out[i] = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
     return out
 

@@ -10,6 +10,7 @@ from dtrak_core.attribution.feature_store import (MANIFEST, StaleFeaturesError, 
                                                   tensor_hash)
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.gradients import flatten_gradients
+from dtrak_core.tasks import UnconditionalPixelTask
 
 SETTINGS = FeatureSettings(num_timesteps=2, projector="sjlt", projection_dim=256, batch_size=2,
                            device="cpu")
@@ -24,20 +25,20 @@ def test_features_do_not_depend_on_batch_size(tiny_unet, scheduler, images):
     results = []
     for batch_size in (1, 2, 5):
         settings = FeatureSettings(**{**SETTINGS.to_dict(), "batch_size": batch_size})
-        featurizer = Featurizer.create(tiny_unet, scheduler, settings)
+        featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), settings)
         results.append(np.concatenate([f for _, _, f in featurizer.iter_features(images)]))
     assert results[0].shape == (5, 256)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(results[2], results[0], rtol=1e-4, atol=1e-6)
     # A sample's feature depends on its own id, not its position.
-    featurizer = Featurizer.create(tiny_unet, scheduler, SETTINGS)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS)
     swapped = featurizer.featurize_batch(images[[3, 1]], [3, 1])
     np.testing.assert_allclose(swapped, results[0][[3, 1]], rtol=1e-4, atol=1e-6)
 
 
 def test_identity_features_are_the_averaged_gradients(tiny_unet, scheduler, images):
     settings = FeatureSettings(num_timesteps=2, projector="identity", device="cpu")
-    featurizer = Featurizer.create(tiny_unet, scheduler, settings)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), settings)
     phi = featurizer.featurize_batch(images[:2], [0, 1])
     grads = flatten_gradients(featurizer.gradients(images[:2], [0, 1]), featurizer.param_names)
     assert phi.shape == (2, featurizer.num_parameters) == tuple(grads.shape)
@@ -47,7 +48,7 @@ def test_identity_features_are_the_averaged_gradients(tiny_unet, scheduler, imag
 def test_projection_dim_larger_than_parameters_is_refused(tiny_unet, scheduler):
     settings = FeatureSettings(projection_dim=10_000_000, device="cpu")
     with pytest.raises(ValueError, match="k=10000000 exceeds the number of selected gradient coordinates"):
-        Featurizer.create(tiny_unet, scheduler, settings)
+        Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), settings)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -81,7 +82,7 @@ def test_weights_hash_sees_one_changed_weight(tiny_unet):
 
 
 def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler, images, tmp_path):
-    featurizer = Featurizer.create(tiny_unet, scheduler, SETTINGS)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS)
     calls = []
     first = compute_features(featurizer, images, tensor_hash(images), root=tmp_path,
                              sched_hash=scheduler_hash(scheduler), progress=False,
@@ -123,7 +124,7 @@ def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler,
 
 
 def test_folder_with_another_identity_is_refused(tiny_unet, scheduler, images, tmp_path):
-    featurizer = Featurizer.create(tiny_unet, scheduler, SETTINGS)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS)
     done = compute_features(featurizer, images, "data-a", root=tmp_path, progress=False)
     # Simulate a folder whose manifest was written for other data under this key.
     manifest = json.loads((done.path / MANIFEST).read_text())
@@ -134,7 +135,7 @@ def test_folder_with_another_identity_is_refused(tiny_unet, scheduler, images, t
 
 
 def test_interrupted_featurization_resumes(tiny_unet, scheduler, images, tmp_path):
-    featurizer = Featurizer.create(tiny_unet, scheduler, SETTINGS)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS)
     reference = compute_features(featurizer, images, "data", root=tmp_path / "a", progress=False)
 
     class Interrupt(Exception):
@@ -156,7 +157,7 @@ def test_interrupted_featurization_resumes(tiny_unet, scheduler, images, tmp_pat
     # Resume with another batch size: only the missing row is computed.
     resumed_with = FeatureSettings(**{**SETTINGS.to_dict(), "batch_size": 3})
     calls = []
-    resumed = compute_features(Featurizer.create(tiny_unet, scheduler, resumed_with), images, "data",
+    resumed = compute_features(Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), resumed_with), images, "data",
                                root=tmp_path / "b", progress=False, on_batch=lambda d, n: calls.append(d))
     assert calls == [5]
     assert resumed.key == reference.key
@@ -164,7 +165,7 @@ def test_interrupted_featurization_resumes(tiny_unet, scheduler, images, tmp_pat
 
 
 def test_empty_input_is_refused(tiny_unet, scheduler, tmp_path):
-    featurizer = Featurizer.create(tiny_unet, scheduler, SETTINGS)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS)
     with pytest.raises(ValueError, match="no images to featurize"):
         compute_features(featurizer, torch.zeros(0, 3, 16, 16), "x", root=tmp_path, progress=False)
 
@@ -172,17 +173,17 @@ def test_empty_input_is_refused(tiny_unet, scheduler, tmp_path):
 def test_k100_is_the_mean_of_its_halves(tiny_unet, scheduler, images):
     """phi is linear in the timestep average and noise depends only on (seed, id, t)."""
     base = {**SETTINGS.to_dict(), "batch_size": 1, "timestep_chunk": 25}
-    full = Featurizer.create(tiny_unet, scheduler, FeatureSettings(**{**base, "num_timesteps": 100}))
+    full = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), FeatureSettings(**{**base, "num_timesteps": 100}))
     assert full.timesteps == list(range(0, 1000, 10))
     phi = full.featurize_batch(images[:1], [4])
-    halves = [Featurizer.create(tiny_unet, scheduler, FeatureSettings(**{**base, "timesteps": steps}))
+    halves = [Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), FeatureSettings(**{**base, "timesteps": steps}))
               .featurize_batch(images[:1], [4]) for steps in (range(0, 1000, 20), range(10, 1000, 20))]
     np.testing.assert_allclose(phi, (halves[0] + halves[1]) / 2, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_features_are_close_to_fp32(tiny_unet, scheduler, images):
-    fp32 = Featurizer.create(tiny_unet, scheduler, SETTINGS).featurize_batch(images[:2], [0, 1])
-    bf16 = Featurizer.create(tiny_unet, scheduler, FeatureSettings(**{**SETTINGS.to_dict(), "dtype": "bf16"}))
+    fp32 = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS).featurize_batch(images[:2], [0, 1])
+    bf16 = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), FeatureSettings(**{**SETTINGS.to_dict(), "dtype": "bf16"}))
     low = bf16.featurize_batch(images[:2], [0, 1])
     assert low.dtype == np.float32
     cosine = (fp32 * low).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(low, axis=1))
@@ -194,15 +195,15 @@ def test_bf16_autocast_features_are_close_to_fp32(tiny_unet, scheduler, images):
 def test_cuda_features_match_cpu(tiny_unet, scheduler, images):
     import copy
 
-    cpu = Featurizer.create(copy.deepcopy(tiny_unet), scheduler, SETTINGS).featurize_batch(images, range(5))
+    cpu = Featurizer.create(UnconditionalPixelTask(copy.deepcopy(tiny_unet), scheduler), SETTINGS).featurize_batch(images, range(5))
     gpu_settings = FeatureSettings(**{**SETTINGS.to_dict(), "device": "cuda"})
-    gpu = Featurizer.create(tiny_unet, scheduler, gpu_settings).featurize_batch(images, range(5))
+    gpu = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), gpu_settings).featurize_batch(images, range(5))
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
 
 
 def test_explicit_timesteps_are_reused_from_the_cache(tiny_unet, scheduler, images, tmp_path):
     settings = FeatureSettings(**{**SETTINGS.to_dict(), "timesteps": [5, 50]})
-    featurizer = Featurizer.create(tiny_unet, scheduler, settings)
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), settings)
     calls = []
     for _ in range(2):
         compute_features(featurizer, images[:2], "d", root=tmp_path, progress=False,
@@ -210,8 +211,10 @@ def test_explicit_timesteps_are_reused_from_the_cache(tiny_unet, scheduler, imag
     assert calls == [2]
 
 
-def test_non_epsilon_scheduler_is_refused(tiny_unet):
+def test_unknown_prediction_type_is_refused(tiny_unet):
     from diffusers import DDPMScheduler
 
-    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
-        Featurizer.create(tiny_unet, DDPMScheduler(prediction_type="v_prediction"), SETTINGS)
+    scheduler = DDPMScheduler()
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="prediction_type 'flow' is not supported; expected one of"):
+        UnconditionalPixelTask(tiny_unet, scheduler)

@@ -3,8 +3,16 @@ import torch
 
 from dtrak_core.attribution.gradients import (flatten_gradients, make_vmap_friendly,
                                               per_sample_gradients, select_parameters)
-from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, NoiseSchedule
+from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS
 from dtrak_core.attribution.timesteps import batch_noise
+from dtrak_core.schedule import NoiseSchedule
+from dtrak_core.tasks import DiffusionInputs, UnconditionalPixelTask
+
+
+def grads_of(model, scheduler, names, x0, noise, steps, fn, chunk=10):
+    task = UnconditionalPixelTask(model, scheduler)
+    inputs = DiffusionInputs(x0, None, list(range(len(x0))))
+    return per_sample_gradients(task, names, inputs, noise, steps, fn, chunk)
 
 
 def loop_gradients(model, names, x0, noise, timesteps, fn, schedule) -> torch.Tensor:
@@ -31,7 +39,7 @@ def test_per_sample_gradients_equal_a_backward_loop(tiny_unet, scheduler, name):
     steps = [0, 250, 500, 999]
     noise = batch_noise(0, [0, 1, 2], steps, (3, 16, 16))
     fn = OUTPUT_FUNCTIONS[name]
-    grads = per_sample_gradients(tiny_unet, names, x0, noise, steps, fn, schedule, timestep_chunk=3)
+    grads = grads_of(tiny_unet, scheduler, names, x0, noise, steps, fn, chunk=3)
     mine = flatten_gradients(grads, names)
     ref = loop_gradients(tiny_unet, names, x0, noise, steps, fn, schedule)
     rel = ((mine - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
@@ -40,20 +48,18 @@ def test_per_sample_gradients_equal_a_backward_loop(tiny_unet, scheduler, name):
 
 
 def test_timestep_chunking_does_not_change_gradients(tiny_unet, scheduler):
-    schedule = NoiseSchedule.from_scheduler(scheduler)
     make_vmap_friendly(tiny_unet)
     names = select_parameters(tiny_unet, "all")
     x0 = torch.randn(2, 3, 16, 16)
     steps = [0, 300, 600]
     noise = batch_noise(0, [0, 1], steps, (3, 16, 16))
     fn = OUTPUT_FUNCTIONS["square"]
-    a = flatten_gradients(per_sample_gradients(tiny_unet, names, x0, noise, steps, fn, schedule, 1), names)
-    b = flatten_gradients(per_sample_gradients(tiny_unet, names, x0, noise, steps, fn, schedule, 3), names)
+    a = flatten_gradients(grads_of(tiny_unet, scheduler, names, x0, noise, steps, fn, 1), names)
+    b = flatten_gradients(grads_of(tiny_unet, scheduler, names, x0, noise, steps, fn, 3), names)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_selected_parameters_are_a_slice_of_all(tiny_unet, scheduler):
-    schedule = NoiseSchedule.from_scheduler(scheduler)
     make_vmap_friendly(tiny_unet)
     all_names = select_parameters(tiny_unet, "all")
     some = select_parameters(tiny_unet, "re:^conv_(in|out)\\.")
@@ -61,8 +67,8 @@ def test_selected_parameters_are_a_slice_of_all(tiny_unet, scheduler):
     x0 = torch.randn(2, 3, 16, 16)
     noise = batch_noise(0, [0, 1], [10], (3, 16, 16))
     fn = OUTPUT_FUNCTIONS["square"]
-    full = per_sample_gradients(tiny_unet, all_names, x0, noise, [10], fn, schedule)
-    part = per_sample_gradients(tiny_unet, some, x0, noise, [10], fn, schedule)
+    full = grads_of(tiny_unet, scheduler, all_names, x0, noise, [10], fn)
+    part = grads_of(tiny_unet, scheduler, some, x0, noise, [10], fn)
     assert list(part) == some
     for n in some:
         torch.testing.assert_close(part[n], full[n], rtol=1e-5, atol=1e-7)
@@ -87,7 +93,6 @@ def test_lora_filter_picks_adapter_parameters():
 
 
 def test_mismatched_noise_is_a_clear_error(tiny_unet, scheduler):
-    schedule = NoiseSchedule.from_scheduler(scheduler)
     with pytest.raises(ValueError, match="noise has 2 timesteps but 1 were given"):
-        per_sample_gradients(tiny_unet, ["conv_in.bias"], torch.zeros(1, 3, 16, 16),
-                             torch.zeros(1, 2, 3, 16, 16), [0], OUTPUT_FUNCTIONS["square"], schedule)
+        grads_of(tiny_unet, scheduler, ["conv_in.bias"], torch.zeros(1, 3, 16, 16),
+                 torch.zeros(1, 2, 3, 16, 16), [0], OUTPUT_FUNCTIONS["square"])

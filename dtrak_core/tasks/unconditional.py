@@ -1,0 +1,55 @@
+"""Unconditional pixel-space DDPMs: a diffusers ``DDPMPipeline`` (UNet2DModel + DDPMScheduler)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from torch.func import functional_call
+
+from dtrak_core.tasks.base import Batch, DiffusionInputs, DiffusionTask, ModelError
+
+
+class UnconditionalPixelTask(DiffusionTask):
+    """x0 = the images themselves (B, 3, H, W) in [-1, 1]; no condition; ``unet(x_t, t)``."""
+
+    pipeline_class = "DDPMPipeline"
+
+    def __init__(self, denoiser: UNet2DModel, scheduler) -> None:
+        super().__init__(denoiser, scheduler)
+        size = denoiser.config.sample_size
+        if isinstance(size, (tuple, list)):
+            if len(set(size)) != 1:
+                raise ModelError(f"the UNet has a non-square sample size {tuple(size)}; only square images are supported")
+            size = size[0]
+        self.sample_size = int(size)
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "UnconditionalPixelTask":
+        try:
+            # low_cpu_mem_usage=False: the models are small, and it avoids a warning about accelerate.
+            pipeline = DDPMPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                    low_cpu_mem_usage=False)
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise ModelError(f"could not load the pipeline in {model_dir}: {error}") from None
+        return cls(pipeline.unet.eval(), pipeline.scheduler)
+
+    def save(self, model_dir: str | Path) -> None:
+        DDPMPipeline(unet=self.denoiser, scheduler=self.scheduler).save_pretrained(model_dir, safe_serialization=True)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (int(self.denoiser.config.in_channels), self.sample_size, self.sample_size)
+
+    def prepare(self, batch: Batch) -> DiffusionInputs:
+        if batch.images.shape[0] != len(batch.sample_ids):
+            raise ValueError(f"{batch.images.shape[0]} images but {len(batch.sample_ids)} sample ids")
+        return DiffusionInputs(batch.images.to(self.device, torch.float32), None, [int(i) for i in batch.sample_ids])
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None,
+                state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if state is None:
+            return self.denoiser(x_t, t, return_dict=False)[0]
+        return functional_call(self.denoiser, dict(state), (x_t, t), {"return_dict": False})[0]
