@@ -54,19 +54,30 @@ class FeatureSettings:
         computer: name in ``FEATURE_COMPUTERS`` (how features are computed from the inputs).
     """
 
-    output_fn: str = DEFAULT_OUTPUT_FUNCTION
-    num_timesteps: int = DEFAULT_NUM_TIMESTEPS
-    timesteps: tuple[int, ...] | None = None
-    projector: str = "sjlt"
-    projection_dim: int = DEFAULT_PROJECTION_DIM
-    sparsity: int = 4
-    seed: int = 0
-    params: str = "all"
-    batch_size: int = 16
-    timestep_chunk: int = 10
-    device: str = "auto"
-    dtype: str = "fp32"
-    computer: str = DEFAULT_COMPUTER
+    # metadata: the command line's flags and help (``cli_options`` builds the options from them).
+    output_fn: str = field(default=DEFAULT_OUTPUT_FUNCTION, metadata={
+        "flags": ("--output-fn",), "help": "output function f (square = D-TRAK, loss = TRAK)"})
+    num_timesteps: int = field(default=DEFAULT_NUM_TIMESTEPS, metadata={
+        "flags": ("-K", "--num-timesteps"), "help": "K uniform timesteps of T (100 is markedly better)"})
+    timesteps: tuple[int, ...] | None = field(default=None, metadata={
+        "flags": ("--timesteps",), "help": "explicit comma-separated timesteps instead of K uniform ones"})
+    projector: str = field(default="sjlt", metadata={
+        "flags": ("--projector",), "help": "random projection (sjlt: sparse JL, fast)"})
+    projection_dim: int = field(default=DEFAULT_PROJECTION_DIM, metadata={
+        "flags": ("-k", "--projection-dim"), "help": "k, the feature dimension"})
+    sparsity: int = field(default=4, metadata={
+        "flags": ("--sparsity",), "help": "buckets per coordinate for sjlt"})
+    seed: int = field(default=0, metadata={"flags": ("--seed",), "help": "seed of noise and projection"})
+    params: str = field(default="all", metadata={
+        "flags": ("--params",), "help": "parameters to differentiate: all, lora, re:<regex> or a name substring"})
+    batch_size: int = field(default=16, metadata={"flags": ("--batch-size",), "help": "samples per batch"})
+    timestep_chunk: int = field(default=10, metadata={
+        "flags": ("--timestep-chunk",), "help": "timesteps per sample evaluated together (memory ~ batch * chunk)"})
+    device: str = field(default="auto", metadata={"flags": ("--device",), "help": "auto, cpu or cuda"})
+    dtype: str = field(default="fp32", metadata={
+        "flags": ("--dtype",), "help": "fp32, or bf16 / fp16 autocast of the forward pass"})
+    computer: str = field(default=DEFAULT_COMPUTER, metadata={
+        "flags": ("--computer",), "help": "how features are computed (a registered feature computer)"})
 
     def __post_init__(self) -> None:
         if self.output_fn not in OUTPUT_FUNCTIONS:
