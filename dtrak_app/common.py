@@ -5,7 +5,7 @@ folder's content hash, so a model that is retrained in place is reloaded, and mo
 targets never reloads or re-featurizes anything; featurizers and kernel decompositions live in
 one process-wide :class:`~dtrak_core.attribution.methods.MethodCache`; training features come
 from the feature store on disk (computed by a background job); score vectors of every target
-are kept in a :class:`~dtrak_core.attribution.score_cache.ScoreCache` for reverse lookups.
+are kept in a :class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from dtrak_core import jobs, registry
-from dtrak_core.attribution.card import upscale
+from dtrak_app.card import upscale
+from dtrak_app.score_cache import ScoreCache, score_context, target_key
+from dtrak_app.uploads import TargetError, prepare_upload
+from dtrak_core import jobs, paths, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import (APP_METHODS, DEFAULT_LAMBDA, METHODS, Method,
                                             MethodCache, score_targets)
 from dtrak_core.attribution.pipeline import LoadedModel, feature_status, load_model, load_training_set
-from dtrak_core.attribution.score_cache import ScoreCache, score_context, target_key
-from dtrak_core.attribution.targets import TargetError, prepare_upload
 from dtrak_core.datasets import DatasetError, ImageFolderDataset
 from dtrak_core.generation import SamplerConfig, generate_to_folder
 from dtrak_core.models import ModelError, model_hash
@@ -43,8 +43,6 @@ VIEW_PX = 128  # proponent tiles (32-px images upscaled 4x, nearest neighbour)
 
 def cache_root() -> Path:
     """Where features, jobs, scores and samples go (``DTRAK_CACHE`` or the repository's cache/)."""
-    from dtrak_core import paths
-
     return Path(os.environ.get("DTRAK_CACHE", paths.CACHE_DIR))
 
 

@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app.card import CardEntry, render_card
 from dtrak_core import jobs
-from dtrak_core.attribution.card import CardEntry, render_card
 from dtrak_core.attribution.methods import METHODS
 from dtrak_core.attribution.pipeline import feature_status
 from dtrak_core.attribution.results import artist_shares, top_proponents
@@ -70,7 +70,7 @@ def artist_chart(table: pd.DataFrame, top_k: int) -> go.Figure | None:
 
 def card_png(target: c.Target, table: pd.DataFrame, train_images: np.ndarray, method_label: str,
              model_name: str, count: int = 10) -> bytes:
-    """The attribution card (dtrak_core.attribution.card) as PNG bytes."""
+    """The attribution card (dtrak_app.card) as PNG bytes."""
     top = top_proponents(table, count)
     entries = [CardEntry(train_images[r.train_index], int(r.rank), float(r.score), r.label, str(r.file_name))
                for r in top.itertuples(index=False)]

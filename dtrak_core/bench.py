@@ -11,24 +11,38 @@
 plus peak memory (``ru_maxrss`` of the process; ``torch.cuda.max_memory_allocated`` on a GPU).
 It writes ``<name>.json`` and ``<name>.md`` under ``docs/benchmarks/`` with machine info and
 the command line.
+
+The ``bench`` subcommand of ``python -m dtrak_core`` lives here too (:func:`add_subcommand`,
+registered by ``dtrak_core.cli``): this module builds on ``dtrak_core.attribution``, never the
+other way round.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import diffusers
 import numpy as np
 import torch
 
+from dtrak_core.attribution.feature_store import StaleFeaturesError
+from dtrak_core.attribution.featurizer import DEVICES, Featurizer, FeatureSettings, resolve_device
+from dtrak_core.attribution.pipeline import load_dataset_for, load_model
+from dtrak_core.attribution.projectors import PROJECTOR_KINDS, make_projector
+from dtrak_core.attribution.scorers import KernelScorer
+from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.models import ModelError
 from dtrak_core.paths import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "docs" / "benchmarks"
@@ -67,8 +81,6 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def machine_info(device: torch.device) -> dict:
-    import diffusers
-
     """Where a benchmark ran; call it before the benchmark so the load average is other work's."""
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -123,10 +135,6 @@ def bench_featurize(
     Times are seconds per sample (median of ``repeats`` after one warm-up); the "one target"
     row is seconds for one new target against ``num_samples`` cached train features.
     """
-    from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings, resolve_device
-    from dtrak_core.attribution.pipeline import load_dataset_for, load_model
-    from dtrak_core.attribution.scorers import KernelScorer
-
     if num_samples < 1 or batch_size < 1 or repeats < 1:
         raise ValueError(f"num_samples={num_samples}, batch_size={batch_size} and repeats={repeats} "
                          "must all be at least 1")
@@ -162,8 +170,6 @@ def bench_featurize(
     seconds, grads = _median_time(all_gradients, repeats, dev)
     report["rows"].append({"stage": f"per-sample gradients, K={num_timesteps} (vmap)",
                            "seconds_per_sample": seconds / n, **_peak_memory_mb(dev)})
-
-    from dtrak_core.attribution.projectors import make_projector
 
     features = None
     for kind in projectors:
@@ -234,6 +240,41 @@ def render_markdown(report: dict) -> str:
               "step per pass. Process peak RSS is monotone over the run (it includes earlier stages). "
               "Timings on a shared machine are noisy; compare rows of one report.", ""]
     return "\n".join(lines)
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``bench`` (``python -m dtrak_core bench ...``) on a sub-parser group."""
+    b = subparsers.add_parser("bench", help="time featurization against a plain training step",
+                              description="Benchmark per-sample featurization (K timesteps) against a "
+                              "batched training step, per projector; writes docs/benchmarks/.")
+    b.add_argument("--model", required=True, type=Path)
+    b.add_argument("--data", required=True, type=Path)
+    b.add_argument("--num-samples", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("-K", "--num-timesteps", type=int, default=10)
+    b.add_argument("-k", "--projection-dim", type=int, default=2048)
+    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTOR_KINDS)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="auto", choices=DEVICES)
+    b.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks")
+    b.add_argument("--name", default=None, help="file stem of the report")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run :func:`bench_featurize` with the parsed options; exit code 0, or 2 after one line on stderr."""
+    try:
+        report = bench_featurize(args.model, args.data, num_samples=args.num_samples,
+                                 batch_size=args.batch_size, num_timesteps=args.num_timesteps,
+                                 projection_dim=args.projection_dim, projectors=tuple(args.projectors),
+                                 repeats=args.repeats, device=args.device, out_dir=args.out_dir,
+                                 name=args.name, command=" ".join(sys.argv))
+    except (ModelError, DatasetError, StaleFeaturesError, ValueError) as error:
+        # The same errors, said the same way, as the other attribution commands.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"benchmark written to {report['paths']['markdown']}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,25 +1,35 @@
 """Command line: ``python -m dtrak_core <command> ...``; a thin layer over the library."""
 
+# (A comment, not the docstring, which is the text of --help.) The top of the command layer:
+# it registers the subcommands each part owns (attribution, bench, evaluation), so those parts
+# never import one another for their commands.
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from dtrak_core import bench
+from dtrak_core.attribution import cli as attribution_cli
+from dtrak_core.datasets import load_image_folder
+from dtrak_core.datasets.emoji3 import build_emoji3
+from dtrak_core.evaluation import cli as evaluation_cli
+from dtrak_core.generation import SamplerConfig, generate_to_folder, image_grid
+from dtrak_core.models import load_pipeline
 from dtrak_core.paths import EMOJI3_DIR
 from dtrak_core.seeds import parse_seeds
+from dtrak_core.training import TrainConfig, held_out_loss, train, untrained_copy
 
 
 def cmd_build_data(args: argparse.Namespace) -> None:
-    from dtrak_core.datasets.emoji3 import build_emoji3
-
     out = build_emoji3(args.out, size=args.size, limit=args.limit)
     print(f"wrote {out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dtrak_core.training import TrainConfig, train
-
     subset = None
     if args.subset:
         subset = [int(x) for x in Path(args.subset).read_text().split()]
@@ -35,26 +45,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from dtrak_core.generation import SamplerConfig, generate_to_folder
-
     sampler = SamplerConfig(kind=args.sampler, steps=args.steps, eta=args.eta)
     out = generate_to_folder(args.model, args.seeds, sampler, args.out, batch_size=args.batch_size)
     print(f"wrote {len(args.seeds)} samples to {out}")
     if args.grid:
-        from PIL import Image
-
-        from dtrak_core.generation import image_grid
-
         images = [Image.open(out / f"{s}.png") for s in args.seeds]
         image_grid(images, columns=8, scale=args.grid_scale).save(args.grid)
         print(f"wrote {args.grid}")
 
 
 def cmd_heldout_loss(args: argparse.Namespace) -> None:
-    from dtrak_core.datasets import load_image_folder
-    from dtrak_core.models import load_pipeline
-    from dtrak_core.training import held_out_loss, untrained_copy
-
     unet, _ = load_pipeline(args.model)
     data = load_image_folder(args.data, image_size=unet.config.sample_size, resize=True, split=args.split)
     if args.filter_column:
@@ -116,13 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=int, default=100)
     p.set_defaults(func=cmd_heldout_loss)
 
-    from dtrak_core.attribution.cli import add_subcommands
-
-    add_subcommands(sub)  # featurize, score, bench
-
-    from dtrak_core.evaluation.cli import add_subcommands as add_evaluation_subcommands
-
-    add_evaluation_subcommands(sub)  # lds build|attribute|score|report, counterfactual
+    attribution_cli.add_subcommands(sub)  # featurize, score
+    bench.add_subcommand(sub)  # bench (after score: the order of --help is unchanged)
+    evaluation_cli.add_subcommands(sub)  # lds build|attribute|score|report, counterfactual
     return parser
 
 

@@ -4,7 +4,7 @@ One small module per stage: ``output_functions`` (what f to differentiate), ``ti
 (which t, which noise), ``gradients`` (per-sample grads with torch.func), ``projectors``
 (random projections), ``featurizer`` (phi), ``feature_store`` (cached, resumable features),
 ``scorers`` (TRAK/D-TRAK kernel and relatives), ``results`` (tidy tables), ``pipeline``
-(folder-level entry points) and ``cli`` (featurize / score / bench subcommands).
+(folder-level entry points) and ``cli`` (featurize / score subcommands).
 """
 
 from dtrak_core.attribution.feature_store import (FeatureSet, StaleFeaturesError, compute_features,

@@ -1,4 +1,4 @@
-"""Command-line subcommands ``featurize``, ``score`` and ``bench``.
+"""Command-line subcommands ``featurize`` and ``score``.
 
 ``add_subcommands(subparsers)`` registers them on an ``argparse`` sub-parser group; each sets
 ``func`` to a function taking the parsed namespace and returning an exit code. Every check
@@ -72,7 +72,7 @@ def settings_from_args(args: argparse.Namespace) -> FeatureSettings:
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``featurize``, ``score`` and ``bench``."""
+    """Register ``featurize`` and ``score``."""
     p = subparsers.add_parser("featurize", help="compute (or reuse cached) D-TRAK features of an image folder",
                               description="Compute D-TRAK/TRAK features of every image of a folder; "
                               "cached by model weights, data and settings, resumable.")
@@ -108,22 +108,6 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _add_feature_options(s, output_fn=None)
     s.set_defaults(func=cmd_score)
 
-    b = subparsers.add_parser("bench", help="time featurization against a plain training step",
-                              description="Benchmark per-sample featurization (K timesteps) against a "
-                              "batched training step, per projector; writes docs/benchmarks/.")
-    b.add_argument("--model", required=True, type=Path)
-    b.add_argument("--data", required=True, type=Path)
-    b.add_argument("--num-samples", type=int, default=32)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("-K", "--num-timesteps", type=int, default=10)
-    b.add_argument("-k", "--projection-dim", type=int, default=2048)
-    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTOR_KINDS)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--device", default="auto", choices=DEVICES)
-    b.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks")
-    b.add_argument("--name", default=None, help="file stem of the report")
-    b.set_defaults(func=cmd_bench)
-
 
 def _run(fn, args: argparse.Namespace) -> int:
     from dtrak_core.attribution.feature_store import StaleFeaturesError
@@ -143,10 +127,6 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     return _run(_score, args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    return _run(_bench, args)
 
 
 def _featurize(args: argparse.Namespace) -> int:
@@ -205,16 +185,4 @@ def _score(args: argparse.Namespace) -> int:
     with atomic_path(out.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False)
     print(f"{len(table)} rows written to {out.with_suffix('.parquet')} and {out.with_suffix('.csv')}")
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from dtrak_core.bench import bench_featurize
-
-    report = bench_featurize(args.model, args.data, num_samples=args.num_samples,
-                             batch_size=args.batch_size, num_timesteps=args.num_timesteps,
-                             projection_dim=args.projection_dim, projectors=tuple(args.projectors),
-                             repeats=args.repeats, device=args.device, out_dir=args.out_dir,
-                             name=args.name, command=" ".join(sys.argv))
-    print(f"benchmark written to {report['paths']['markdown']}")
     return 0

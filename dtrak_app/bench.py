@@ -1,6 +1,6 @@
 """Benchmark of the app's response times, measured headless with Streamlit's AppTest.
 
-``python -m dtrak_core.bench_app --model models/emoji3-demo --cache /tmp/benchcache`` measures,
+``python -m dtrak_app.bench --model models/emoji3-demo --cache /tmp/benchcache`` measures,
 on the Attribute page with the default settings (D-TRAK, K=10, k=2048):
 
 - ``cold``: the first render in a fresh process (loads the model and training set, samples the
@@ -15,6 +15,9 @@ Times are the wall time of ``AppTest.run()`` (the script run and the message ser
 browser's drawing is not included), median over ``--repeats``. The training features must be in
 the cache already (``python -m dtrak_core featurize --model M --training-set --cache-dir C/features``).
 Writes ``app.json`` and ``app.md`` under ``--out-dir``.
+
+Run it from the repository root (as ``streamlit run app.py`` is): the app's pages import
+``dtrak_app`` from there.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from streamlit.testing.v1 import AppTest
+
+from dtrak_app import common
+from dtrak_core.attribution.methods import METHODS
+from dtrak_core.attribution.pipeline import feature_status, load_model, load_training_set, read_recipe
+from dtrak_core.bench import machine_info
 from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.models import model_hash
 from dtrak_core.paths import REPO_ROOT
 
 APP = REPO_ROOT / "app.py"
@@ -51,10 +62,6 @@ def fresh_cache(model_dir: str, source: Path, dest: Path) -> None:
 
     Every target, sample and score is then computed for real during the benchmark.
     """
-    from dtrak_app import common
-    from dtrak_core.attribution.methods import METHODS
-    from dtrak_core.attribution.pipeline import feature_status, load_model, load_training_set
-
     model = load_model(model_dir)
     settings = common.feature_settings(METHODS["dtrak"], common.DEFAULTS["K"], common.DEFAULTS["k"])
     status = feature_status(model, load_training_set(model), settings, source / "features")
@@ -67,7 +74,11 @@ def fresh_cache(model_dir: str, source: Path, dest: Path) -> None:
 
 
 def bench_app(model_dir: str, repeats: int = 3) -> dict:
-    from streamlit.testing.v1 import AppTest
+    """Seconds per ``AppTest.run()`` of the Attribute page (cold, then medians of ``repeats``).
+
+    The environment (``DTRAK_MODEL_DIR``, ``DTRAK_CACHE``, ...) must already point the app at
+    the model and a cache holding its training features (see :func:`main`).
+    """
 
     def session():
         return AppTest.from_file(str(APP), default_timeout=600)
@@ -95,28 +106,20 @@ def bench_app(model_dir: str, repeats: int = 3) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dtrak_core.bench_app", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dtrak_app.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="pipeline folder with recipe.json")
     parser.add_argument("--cache", required=True, help="DTRAK_CACHE for the run (holds the training features)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO_ROOT))  # the app's own package, as streamlit run would see it
-    import torch
-
-    from dtrak_core.bench import machine_info
-
     machine = machine_info(torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="dtrak-bench-app-") as scratch:
         fresh_cache(args.model, Path(args.cache), Path(scratch))
         os.environ.update(DTRAK_MODEL_DIR=str(Path(args.model).resolve()), DTRAK_MODEL_NAME=Path(args.model).name,
                           DTRAK_HIDE_DEMO="1", DTRAK_CACHE=scratch)
         results = bench_app(args.model, args.repeats)
-    report = {"command": "python -m dtrak_core.bench_app " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": "python -m dtrak_app.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, **results}
-    from dtrak_core.attribution.pipeline import read_recipe
-    from dtrak_core.models import model_hash
-
     recipe = read_recipe(args.model) or {}
     report["model"] = {"path": str(args.model), "weights_sha256": model_hash(args.model),
                        "steps_done": recipe.get("steps_done"), "train_images": recipe.get("num_train_images"),

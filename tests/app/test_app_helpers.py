@@ -1,16 +1,17 @@
-"""Library pieces the app shows: uploads, the score cache, the attribution card, comparisons."""
+"""The app-only pieces of dtrak_app: uploads, the score cache, the attribution card."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
-from dtrak_core.attribution.card import CardEntry, render_card
-from dtrak_core.attribution.results import artist_shares, rank_comparison, score_table, top_k_overlap
-from dtrak_core.attribution.score_cache import ScoreCache, score_context, target_key
-from dtrak_core.attribution.targets import TargetError, prepare_upload
+from dtrak_app.card import CardEntry, render_card
+from dtrak_app.score_cache import ScoreCache, score_context, target_key
+from dtrak_app.uploads import TargetError, prepare_upload
+from tests.app.conftest import REPO
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -81,14 +82,14 @@ def test_card_shows_target_and_proponents_crisply():
         render_card(target, [], "t")
 
 
-def test_overlap_rank_comparison_and_artist_shares():
-    meta = pd.DataFrame({"file_name": [f"{i}.png" for i in range(4)], "artist": ["a", "a", "b", "b"]})
-    t1 = score_table(np.array([4.0, 3.0, 2.0, 1.0]), meta, "artist")
-    t2 = score_table(np.array([1.0, 2.0, 3.0, 4.0]), meta, "artist")
-    overlap = top_k_overlap({"x": t1, "y": t2}, k=2)
-    assert overlap.loc["x", "x"] == 1.0 and overlap.loc["x", "y"] == 0.0
-    assert top_k_overlap({"x": t1, "y": t2}, k=3).loc["x", "y"] == pytest.approx(2 / 3)
-    ranks, rho = rank_comparison(t1, t2)
-    assert rho == pytest.approx(-1.0) and ranks["rank_a"].tolist() == [1, 2, 3, 4]
-    shares = artist_shares(t1, 2).set_index("label")
-    assert shares.loc["a", "share_of_top_k"] == 1.0 and shares.loc["a", "share_of_positive_score"] == pytest.approx(0.7)
+def test_dtrak_app_imports_without_a_running_app():
+    # A fresh interpreter, as `python -m dtrak_app.bench` or a test starts: the app-only helpers
+    # load without Streamlit, and the Streamlit modules load without `streamlit run`.
+    code = ("import sys\n"
+            "import dtrak_app, dtrak_app.card, dtrak_app.score_cache, dtrak_app.uploads\n"
+            "assert 'streamlit' not in sys.modules, 'a helper imported streamlit'\n"
+            "import dtrak_app.common, dtrak_app.views, dtrak_app.bench\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
