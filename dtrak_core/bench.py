@@ -93,21 +93,22 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _train_step_fn(unet: torch.nn.Module, scheduler, images: torch.Tensor, device: torch.device) -> Callable:
-    model = copy.deepcopy(unet).to(device).train()
-    for p in model.parameters():
+def _train_step_fn(task: DiffusionTask, images: torch.Tensor, device: torch.device) -> Callable:
+    """One batched training step (forward, backward, AdamW) on a copy of the task's denoiser."""
+    task = type(task)(copy.deepcopy(task.denoiser).to(device).train(), task.scheduler)
+    for p in task.denoiser.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32, device=device)
+    optimizer = torch.optim.AdamW(task.denoiser.parameters(), lr=1e-4)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x0 = images.to(device)
+    inputs = task.prepare(Batch(images, list(range(len(images)))))
+    schedule = task.schedule.to(device)
 
     def step() -> float:
-        t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=generator).to(device)
-        eps = torch.randn(x0.shape, generator=generator).to(device)
-        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
+        t = torch.randint(0, task.num_train_timesteps, (len(inputs),), generator=generator).to(device)
+        eps = torch.randn(inputs.x0.shape, generator=generator).to(device)
+        x_t = schedule.add_noise_as_trained(inputs.x0, eps, t)
+        target = task.training_target(inputs.x0, eps, t)
+        loss = torch.nn.functional.mse_loss(task.denoise(x_t, t, inputs.condition), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,14 +153,14 @@ def bench_featurize(
                     "machine": machine_info(dev), "command": command, "rows": []}
 
     _reset_peak(dev)
-    step = _train_step_fn(model.unet, model.scheduler, batch, dev)
+    step = _train_step_fn(model.task, batch, dev)
     seconds, _ = _median_time(step, repeats, dev)
     report["rows"].append({"stage": "training step (batched fwd+bwd+AdamW)",
                            "seconds_per_sample": seconds / len(batch), **_peak_memory_mb(dev)})
 
     base = FeatureSettings(num_timesteps=num_timesteps, projection_dim=projection_dim,
                            batch_size=batch_size, device=str(dev.type))
-    featurizer = Featurizer.create(copy.deepcopy(model.unet), model.scheduler, base)
+    featurizer = Featurizer.create(type(model.task)(copy.deepcopy(model.unet), model.scheduler), base)
     report["num_parameters"] = featurizer.num_parameters
     _reset_peak(dev)
 
