@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from dtrak_core.attribution.featurizer import DEVICES, DTYPES, FeatureSettings
-from dtrak_core.attribution.methods import DEFAULT_LAMBDA, METHODS
+from dtrak_core.attribution.methods import METHODS
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
-from dtrak_core.attribution.projectors import PROJECTOR_KINDS
+from dtrak_core.attribution.projectors import PROJECTORS
+from dtrak_core.conventions import DEFAULT_LAMBDA
 
 SCORERS = tuple(METHODS) + ("pixel-cosine",)  # "pixel-cosine": the old name of "pixel"
 
@@ -42,7 +43,7 @@ def _add_feature_options(parser: argparse.ArgumentParser, output_fn: str | None 
                        help="K uniform timesteps of T (default %(default)s; 100 is markedly better)")
     group.add_argument("--timesteps", type=_int_list, default=None,
                        help="explicit comma-separated timesteps instead of K uniform ones")
-    group.add_argument("--projector", default="sjlt", choices=PROJECTOR_KINDS,
+    group.add_argument("--projector", default="sjlt", choices=PROJECTORS.names(),
                        help="random projection (default %(default)s: sparse JL, fast)")
     group.add_argument("-k", "--projection-dim", type=int, default=2048, help="k (default %(default)s)")
     group.add_argument("--sparsity", type=int, default=4, help="buckets per coordinate for sjlt")
@@ -117,7 +118,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("-K", "--num-timesteps", type=int, default=10)
     b.add_argument("-k", "--projection-dim", type=int, default=2048)
-    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTOR_KINDS)
+    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTORS.names())
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="auto", choices=DEVICES)
     b.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks")
