@@ -25,9 +25,10 @@ from dtrak_app.score_cache import ScoreCache, score_context, target_key
 from dtrak_app.uploads import TargetError, prepare_upload
 from dtrak_core import jobs, paths, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
-from dtrak_core.attribution.methods import (APP_METHODS, DEFAULT_LAMBDA, METHODS, Method,
+from dtrak_core.attribution.methods import (APP_METHODS, METHODS, Method,
                                             MethodCache, score_targets)
 from dtrak_core.attribution.pipeline import LoadedModel, feature_status, load_model, load_training_set
+from dtrak_core.conventions import DEFAULT_LAMBDA
 from dtrak_core.datasets import DatasetError, ImageFolderDataset
 from dtrak_core.generation import SamplerConfig, generate_to_folder
 from dtrak_core.models import ModelError, model_hash

@@ -38,7 +38,7 @@ import torch
 from dtrak_core.attribution.feature_store import StaleFeaturesError
 from dtrak_core.attribution.featurizer import DEVICES, Featurizer, FeatureSettings, resolve_device
 from dtrak_core.attribution.pipeline import load_dataset_for, load_model
-from dtrak_core.attribution.projectors import PROJECTOR_KINDS, make_projector
+from dtrak_core.attribution.projectors import PROJECTORS, make_projector
 from dtrak_core.attribution.scorers import KernelScorer
 from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.io import atomic_path, write_json_atomic
@@ -254,7 +254,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("-K", "--num-timesteps", type=int, default=10)
     b.add_argument("-k", "--projection-dim", type=int, default=2048)
-    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTOR_KINDS)
+    b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTORS.names())
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="auto", choices=DEVICES)
     b.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks")

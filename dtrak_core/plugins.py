@@ -42,6 +42,10 @@ class Registry(Generic[T]):
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; expected one of {self.names()}") from None
 
+    def __getitem__(self, name: str) -> T:
+        """``REGISTRY[name]``, the same as :meth:`get`: callers index the registries like the dicts they replaced."""
+        return self.get(name)
+
     def names(self) -> list[str]:
         return list(self._entries)
 

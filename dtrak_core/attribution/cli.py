@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from dtrak_core.attribution.featurizer import DEVICES, DTYPES, FeatureSettings
-from dtrak_core.attribution.methods import DEFAULT_LAMBDA, METHODS
+from dtrak_core.attribution.methods import METHODS
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
-from dtrak_core.attribution.projectors import PROJECTOR_KINDS
+from dtrak_core.attribution.projectors import PROJECTORS
+from dtrak_core.conventions import DEFAULT_LAMBDA
 
 SCORERS = tuple(METHODS) + ("pixel-cosine",)  # "pixel-cosine": the old name of "pixel"
 
@@ -42,7 +43,7 @@ def _add_feature_options(parser: argparse.ArgumentParser, output_fn: str | None 
                        help="K uniform timesteps of T (default %(default)s; 100 is markedly better)")
     group.add_argument("--timesteps", type=_int_list, default=None,
                        help="explicit comma-separated timesteps instead of K uniform ones")
-    group.add_argument("--projector", default="sjlt", choices=PROJECTOR_KINDS,
+    group.add_argument("--projector", default="sjlt", choices=PROJECTORS.names(),
                        help="random projection (default %(default)s: sparse JL, fast)")
     group.add_argument("-k", "--projection-dim", type=int, default=2048, help="k (default %(default)s)")
     group.add_argument("--sparsity", type=int, default=4, help="buckets per coordinate for sjlt")

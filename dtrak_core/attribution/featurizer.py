@@ -21,7 +21,7 @@ from dtrak_core.attribution.feature_computers import (DTYPES, FEATURE_COMPUTERS,
                                                       PerSampleGradientProjection)
 from dtrak_core.attribution.gradients import make_vmap_friendly, select_parameters
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
-from dtrak_core.attribution.projectors import PROJECTOR_KINDS
+from dtrak_core.attribution.projectors import PROJECTOR_SETTINGS, PROJECTORS
 from dtrak_core.attribution.timesteps import batch_noise, resolve_timesteps
 from dtrak_core.conventions import DEFAULT_NUM_TIMESTEPS, DEFAULT_PROJECTION_DIM
 from dtrak_core.schedule import NoiseSchedule
@@ -87,8 +87,7 @@ class FeatureSettings:
             raise ValueError(f"number of timesteps K={self.num_timesteps} must be at least 1")
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
-        if self.projector not in PROJECTOR_KINDS:
-            raise ValueError(f"unknown projector {self.projector!r}; expected one of {list(PROJECTOR_KINDS)}")
+        PROJECTORS.get(self.projector)  # unknown names: one line naming the known ones
         if self.projection_dim < 1:
             raise ValueError(f"projection dimension k={self.projection_dim} must be at least 1")
         if self.sparsity < 1:
@@ -114,10 +113,11 @@ class FeatureSettings:
             fields.pop(name)
         if self.timesteps is not None:
             fields["num_timesteps"] = None
-        if self.projector != "sjlt":
-            fields["sparsity"] = None
-        if self.projector == "identity":
-            fields["projection_dim"] = None
+        # The projector says which of k and s change its matrix; the others are None in the key.
+        kept = PROJECTORS.get(self.projector).key_settings
+        for name in PROJECTOR_SETTINGS:
+            if name not in kept:
+                fields[name] = None
         if self.computer == DEFAULT_COMPUTER:
             fields.pop("computer")
         return fields

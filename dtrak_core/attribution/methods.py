@@ -7,6 +7,10 @@ Every caller (the ``score`` subcommand, the app, benchmarks) goes through :func:
 Gradient methods reuse the cached training features of the feature store; the target features
 are cached too (keyed by the target pixels), so attributing a target seen before costs a
 memory-map read and one matrix product.
+
+A method is a :class:`Method` in :data:`METHODS`: a name, a label, an output function and the
+scoring rule (a class in :data:`~dtrak_core.attribution.scorers.SCORERS`) that turns features or
+images into scores. A new method is ``register_method(Method(...))``, with a new rule if needed.
 """
 
 from __future__ import annotations
@@ -17,20 +21,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from dtrak_core.attribution import scorers
 from dtrak_core.attribution.feature_store import FeatureSet, compute_features
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
+from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS
 from dtrak_core.attribution.pipeline import (FeatureStatus, LoadedModel, check_dataset_fits, featurize,
                                              feature_status)
+from dtrak_core.attribution.scorers import SCORERS, Scorer, ScoreInputs
+from dtrak_core.conventions import DEFAULT_LAMBDA, target_ids, uint8_to_model_range
 from dtrak_core.datasets.imagefolder import ImageFolderDataset
 from dtrak_core.io import sha256_array
-
-#: Targets draw their noise with ids offset by this, so a training image used as a target
-#: gets fresh noise, not the noise of the training row with the same index.
-TARGET_ID_OFFSET = 1 << 40
-DEFAULT_LAMBDA = 100.0
+from dtrak_core.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,11 @@ class Method:
     Attributes:
         name: registry key (also the CLI's ``--scorer`` value).
         label: what people call it.
-        scorer: how scores come from features: "kernel" (TRAK/D-TRAK ridge kernel), "relative",
-            "renormalized", "dot", "cosine", "tracin", "pixel-dot", "pixel-cosine" or "random".
-        output_fn: the output function whose gradients are the features (None: no gradients).
+        scorer: the name of its scoring rule in :data:`~dtrak_core.attribution.scorers.SCORERS`
+            ("kernel" = TRAK/D-TRAK ridge kernel, "relative", "renormalized", "dot", "cosine",
+            "tracin", "pixel-dot", "pixel-cosine", "random", or one registered later).
+        output_fn: the output function whose gradients are the features; None exactly when the
+            rule reads no gradient features.
         summary: one plain-language sentence.
     """
 
@@ -52,20 +56,50 @@ class Method:
     output_fn: str | None
     summary: str
 
+    def __post_init__(self) -> None:
+        rule = SCORERS.get(self.scorer)
+        if rule.needs_features and self.output_fn is None:
+            raise ValueError(f"method {self.name!r}: scorer {self.scorer!r} reads gradient features, "
+                             "so it needs an output function; got None")
+        if not rule.needs_features and self.output_fn is not None:
+            raise ValueError(f"method {self.name!r}: scorer {self.scorer!r} reads no gradients, so its "
+                             f"output function must be None; got {self.output_fn!r}")
+        if self.output_fn is not None:
+            OUTPUT_FUNCTIONS.get(self.output_fn)
+
+    @property
+    def rule(self) -> type[Scorer]:
+        """The scoring rule class."""
+        return SCORERS.get(self.scorer)
+
     @property
     def needs_features(self) -> bool:
-        return self.output_fn is not None
+        return self.rule.needs_features
 
     @property
     def uses_lambda(self) -> bool:
-        return self.scorer in ("kernel", "relative", "renormalized")
+        return self.rule.uses_lambda
+
+    @property
+    def key_fields(self) -> tuple[str, ...]:
+        """What its scores depend on besides model, training set, method and target (see :class:`Scorer`)."""
+        return self.rule.key_fields()
 
     def feature_settings(self, base: FeatureSettings, output_fn: str | None = None) -> FeatureSettings:
         """``base`` with this method's output function (or ``output_fn`` when given)."""
         return replace(base, output_fn=output_fn or self.output_fn or base.output_fn)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
+#: name -> method, in menu order of the CLI.
+METHODS: Registry[Method] = Registry("attribution method")
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` under its name."""
+    return METHODS.register(method.name)(method)
+
+
+for _method in (
     Method("dtrak", "D-TRAK", "kernel", "square",
            "gradients of the squared model output, compared through the ridge kernel (the paper's best)"),
     Method("trak", "TRAK", "kernel", "loss",
@@ -86,7 +120,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "dot product of the raw pixels (a baseline)"),
     Method("random", "random", "random", None,
            "random scores: the floor any method must beat"),
-)}
+):
+    register_method(_method)
+
 #: The methods the app offers, in menu order.
 APP_METHODS = ("dtrak", "trak", "cosine", "tracin", "relative", "renormalized", "pixel", "random")
 
@@ -96,10 +132,8 @@ ALIASES = {"pixel-cosine": "pixel"}
 
 
 def get_method(name: str) -> Method:
-    name = ALIASES.get(name, name)
-    if name not in METHODS:
-        raise ValueError(f"unknown attribution method {name!r}; expected one of {list(METHODS)}")
-    return METHODS[name]
+    """The method called ``name`` (or an alias of it); unknown names are a one-line error."""
+    return METHODS.get(ALIASES.get(name, name))
 
 
 class FeaturesNotReady(RuntimeError):
@@ -119,7 +153,8 @@ class MethodCache:
     training features stay the same. Thread-safe: the app serves several sessions in threads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device  # where kernels are decomposed and applied ("cpu" or "cuda")
         self._featurizers: dict[tuple, Featurizer] = {}
         self._kernels: dict[str, scorers.KernelScorer] = {}
         self._lock = threading.Lock()
@@ -134,7 +169,7 @@ class MethodCache:
     def kernel(self, features: FeatureSet) -> scorers.KernelScorer:
         with self._lock:
             if features.key not in self._kernels:
-                self._kernels[features.key] = scorers.KernelScorer(features.features)
+                self._kernels[features.key] = scorers.KernelScorer(features.features, device=self.device)
             return self._kernels[features.key]
 
 
@@ -183,9 +218,10 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
         cache: featurizers and kernels to reuse between calls.
     """
     method = get_method(method) if isinstance(method, str) else method
+    rule = method.rule()
     if not models:
         raise ValueError("scoring needs at least one model")
-    lambdas = [scorers.check_lambda(lam) for lam in lambdas] if method.uses_lambda else [float("nan")]
+    lambdas = [scorers.check_lambda(lam) for lam in lambdas] if rule.uses_lambda else [float("nan")]
     if not lambdas:
         raise ValueError(f"method {method.label} needs at least one lambda")
     targets = _as_uint8_images(targets)
@@ -194,41 +230,21 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
     if targets.shape[1:3] != train.images.shape[1:3]:
         raise ValueError(f"target images are {targets.shape[2]}x{targets.shape[1]} but the training images are "
                          f"{train.image_size}x{train.image_size}; resize the targets to the model's size")
-    m, n = len(targets), len(train)
-
-    if method.scorer == "random":
-        return {lambdas[0]: scorers.random_scores(m, n, seed)}
-    if method.scorer.startswith("pixel-"):
-        return {lambdas[0]: scorers.pixel_scores(targets, train.images, method.scorer.split("-")[1])}
+    if not rule.needs_features:
+        return rule.score(ScoreInputs(targets, train.images, seed=seed), lambdas)
 
     settings = settings or method.feature_settings(FeatureSettings())
     cache = cache or MethodCache()
-    # The models' input range, as ImageFolderDataset.to_tensor: (m, 3, H, W) in [-1, 1].
-    target_tensor = torch.from_numpy(np.array(targets, copy=True)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    target_tensor = uint8_to_model_range(targets)
     target_hash = sha256_array(targets)
-    per_model: list[tuple[np.ndarray, FeatureSet]] = []
+    target_features: list[np.ndarray] = []
+    train_sets: list[FeatureSet] = []
     for model in models:
-        phi = train_features(model, train, settings, root, progress, compute_missing, cache)
+        train_sets.append(train_features(model, train, settings, root, progress, compute_missing, cache))
         featurizer = cache.featurizer(model, settings)
-        g = compute_features(featurizer, target_tensor, target_hash, [TARGET_ID_OFFSET + i for i in range(m)],
-                             root, model.weights_hash, model.scheduler_hash, progress, description="targets")
-        per_model.append((np.asarray(g.features), phi))
-
-    if method.scorer == "tracin":
-        return {lambdas[0]: scorers.tracin_scores([(g, phi.features) for g, phi in per_model])}
-    if method.scorer in ("dot", "cosine"):
-        fn = scorers.dot_scores if method.scorer == "dot" else scorers.cosine_scores
-        return {lambdas[0]: scorers.ensemble_scores([fn(g, phi.features) for g, phi in per_model])}
-    matrices: dict[float, np.ndarray] = {}
-    for lam in lambdas:
-        mats = []
-        for g, phi in per_model:
-            kernel = cache.kernel(phi)
-            if method.scorer == "relative":
-                mats.append(scorers.relative_influence(kernel, g, lam))
-            elif method.scorer == "renormalized":
-                mats.append(scorers.renormalized_influence(kernel.scores(g, lam), phi.features))
-            else:
-                mats.append(kernel.scores(g, lam))
-        matrices[lam] = scorers.ensemble_scores(mats)
-    return matrices
+        g = compute_features(featurizer, target_tensor, target_hash, target_ids(len(targets)), root,
+                             model.weights_hash, model.scheduler_hash, progress, description="targets")
+        target_features.append(np.asarray(g.features))
+    inputs = ScoreInputs(targets, train.images, tuple(target_features), tuple(phi.features for phi in train_sets),
+                         kernels=lambda index: cache.kernel(train_sets[index]), seed=seed)
+    return rule.score(inputs, lambdas)

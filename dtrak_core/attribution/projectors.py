@@ -6,38 +6,52 @@ that E |g P|^2 = |g|^2 (and inner products are preserved in expectation). P is a
 seeded by a hash of (kind, seed, block index), then moved to the gradients' device, so runs,
 devices and machines agree.
 
-- :class:`DenseProjector`: Gaussian N(0, 1/k) or Rademacher +-1/sqrt(k) entries (TRAK's choice).
-  Cost O(p k) per sample. Generated in row blocks of ``BLOCK_ROWS``; kept in memory only when
-  p * k * 4 bytes fits ``cache_bytes``, regenerated block by block otherwise, so memory stays
-  bounded by one block.
+- :class:`DenseProjector`: Gaussian N(0, 1/k) (:class:`GaussianProjector`) or Rademacher
+  +-1/sqrt(k) (:class:`RademacherProjector`) entries (TRAK's choice). Cost O(p k) per sample.
+  Generated in row blocks of ``BLOCK_ROWS``; kept in memory only when p * k * 4 bytes fits
+  ``cache_bytes``, regenerated block by block otherwise, so memory stays bounded by one block.
 - :class:`SparseProjector`: a sparse JL transform (Kane & Nelson's block count-sketch). The k
   outputs are split into s contiguous groups; each input coordinate i lands in one bucket of
   every group, h_j(i), with a random sign sigma_j(i), weight 1/sqrt(s). Cost O(p s) per sample.
 - :class:`IdentityProjector`: no projection (k = p); exact features, for tests and tiny models.
 
 Projection is linear, so averaging gradients over timesteps before or after projecting is the same.
+
+Each class registers itself in :data:`PROJECTORS` under its ``kind`` and declares in
+``key_settings`` which of the projector-specific feature settings (``projection_dim``,
+``sparsity``) change P, so the feature cache key keeps exactly those. A new projector is a
+subclass with ``@PROJECTORS.register("name")``; :func:`make_projector` builds any of them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 
 from dtrak_core.attribution.timesteps import derive_seed
+from dtrak_core.plugins import Registry
 
 #: Rows of P drawn per generator (fixed: changing it would change P).
 BLOCK_ROWS = 256
 #: Input coordinates hashed per generator in the sparse projector (fixed for the same reason).
 SPARSE_BLOCK = 1 << 16
-PROJECTOR_KINDS = ("sjlt", "rademacher", "gaussian", "identity")
+
+#: Feature settings a projector may depend on besides the seed (see ``Projector.key_settings``).
+PROJECTOR_SETTINGS = ("projection_dim", "sparsity")
 
 
 class Projector:
-    """Base class: ``project`` takes (B, p) or a dict of per-parameter (B, ...) gradients."""
+    """Base class: ``project`` takes (B, p) or a dict of per-parameter (B, ...) gradients.
 
-    kind = "base"
+    Subclasses set ``kind`` (their registry name) and ``key_settings`` (the subset of
+    :data:`PROJECTOR_SETTINGS` that changes P; the others are left out of the cache key, so
+    they must not change the output) and implement ``_project``.
+    """
+
+    kind: ClassVar[str] = "base"
+    key_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, input_dim: int, output_dim: int, seed: int = 0,
                  param_names: Sequence[str] | None = None) -> None:
@@ -50,6 +64,16 @@ class Projector:
         self.output_dim = int(output_dim)
         self.seed = int(seed)
         self.param_names = list(param_names) if param_names is not None else None
+
+    @classmethod
+    def build(cls, input_dim: int, projection_dim: int, seed: int = 0, sparsity: int = 4,
+              param_names: Sequence[str] | None = None) -> "Projector":
+        """The projector for p = ``input_dim`` from the feature settings (k, seed, s).
+
+        Every kind takes the same arguments, so callers need no per-kind code; a kind ignores
+        the settings that are not in its ``key_settings``.
+        """
+        return cls(input_dim, projection_dim, seed, param_names=param_names)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "input_dim": self.input_dim, "output_dim": self.output_dim,
@@ -77,71 +101,11 @@ class Projector:
         raise NotImplementedError
 
 
-class IdentityProjector(Projector):
-    """phi = g (k = p)."""
-
-    kind = "identity"
-
-    def __init__(self, input_dim: int, output_dim: int | None = None, seed: int = 0,
-                 param_names: Sequence[str] | None = None) -> None:
-        if output_dim is not None and output_dim != input_dim:
-            raise ValueError(f"the identity projector keeps all p={input_dim} coordinates; "
-                             f"got k={output_dim}")
-        super().__init__(input_dim, input_dim, seed, param_names)
-
-    def _project(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.clone()
+#: kind -> projector class.
+PROJECTORS: Registry[type[Projector]] = Registry("projector")
 
 
-class DenseProjector(Projector):
-    """P with i.i.d. Gaussian N(0, 1/k) or Rademacher +-1/sqrt(k) entries, drawn in row blocks."""
-
-    def __init__(self, input_dim: int, output_dim: int, seed: int = 0, kind: str = "rademacher",
-                 param_names: Sequence[str] | None = None, cache_bytes: int = 256 << 20) -> None:
-        super().__init__(input_dim, output_dim, seed, param_names)
-        if kind not in ("rademacher", "gaussian"):
-            raise ValueError(f"dense projector kind {kind!r} is not one of 'rademacher', 'gaussian'")
-        self.kind = kind
-        self.num_blocks = math.ceil(self.input_dim / BLOCK_ROWS)
-        self._cache: dict[str, torch.Tensor] = {}
-        self._cache_all = self.input_dim * self.output_dim * 4 <= cache_bytes
-
-    def block(self, index: int) -> torch.Tensor:
-        """Rows [index*BLOCK_ROWS, ...) of P, float32 CPU (rows, k), already scaled by 1/sqrt(k)."""
-        rows = min(BLOCK_ROWS, self.input_dim - index * BLOCK_ROWS)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(derive_seed("dense", self.kind, self.seed, self.output_dim, index))
-        if self.kind == "gaussian":
-            values = torch.randn((rows, self.output_dim), generator=generator)
-        else:
-            # One random byte gives 8 signs: 8x fewer generator calls than randint(0, 2).
-            nbytes = (self.output_dim + 7) // 8
-            packed = torch.randint(0, 256, (rows, nbytes), generator=generator, dtype=torch.int32)
-            bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
-            values = bits.reshape(rows, nbytes * 8)[:, :self.output_dim].float() * 2 - 1
-        return values.mul_(1.0 / math.sqrt(self.output_dim))
-
-    def _device_matrix(self, device: torch.device) -> torch.Tensor:
-        # Only called when the whole P fits the cache: one matmul beats many small ones.
-        key = str(device)
-        if key not in self._cache:
-            self._cache[key] = self.matrix().to(device)
-        return self._cache[key]
-
-    def matrix(self) -> torch.Tensor:
-        """The whole P (p, k); for tests and small p only."""
-        return torch.cat([self.block(i) for i in range(self.num_blocks)])
-
-    def _project(self, flat: torch.Tensor) -> torch.Tensor:
-        if self._cache_all:
-            return flat @ self._device_matrix(flat.device)
-        out = torch.zeros(flat.shape[0], self.output_dim, device=flat.device, dtype=torch.float32)
-        for index in range(self.num_blocks):
-            start = index * BLOCK_ROWS
-            out.addmm_(flat[:, start:start + BLOCK_ROWS], self.block(index).to(flat.device))
-        return out
-
-
+@PROJECTORS.register("sjlt")
 class SparseProjector(Projector):
     """Sparse JL: each coordinate goes to one bucket in each of s groups, sign +-1, weight 1/sqrt(s).
 
@@ -150,6 +114,7 @@ class SparseProjector(Projector):
     """
 
     kind = "sjlt"
+    key_settings = ("projection_dim", "sparsity")
 
     def __init__(self, input_dim: int, output_dim: int, seed: int = 0, sparsity: int = 4,
                  param_names: Sequence[str] | None = None, cache_entries: int = 1 << 26) -> None:
@@ -163,6 +128,11 @@ class SparseProjector(Projector):
         edges = [j * self.output_dim // self.sparsity for j in range(self.sparsity + 1)]
         self._starts = torch.tensor(edges[:-1], dtype=torch.float64)
         self._widths = torch.tensor([b - a for a, b in zip(edges[:-1], edges[1:])], dtype=torch.float64)
+
+    @classmethod
+    def build(cls, input_dim: int, projection_dim: int, seed: int = 0, sparsity: int = 4,
+              param_names: Sequence[str] | None = None) -> "SparseProjector":
+        return cls(input_dim, projection_dim, seed, sparsity, param_names)
 
     def describe(self) -> dict:
         return {**super().describe(), "sparsity": self.sparsity}
@@ -209,13 +179,99 @@ class SparseProjector(Projector):
         return out
 
 
+class DenseProjector(Projector):
+    """P with i.i.d. entries of variance 1/k, drawn in row blocks; subclasses say which entries."""
+
+    key_settings = ("projection_dim",)
+
+    def __init__(self, input_dim: int, output_dim: int, seed: int = 0,
+                 param_names: Sequence[str] | None = None, cache_bytes: int = 256 << 20) -> None:
+        super().__init__(input_dim, output_dim, seed, param_names)
+        self.num_blocks = math.ceil(self.input_dim / BLOCK_ROWS)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._cache_all = self.input_dim * self.output_dim * 4 <= cache_bytes
+
+    def _draw(self, rows: int, generator: torch.Generator) -> torch.Tensor:  # pragma: no cover - abstract
+        """Unscaled entries (rows, k) float32 with variance 1."""
+        raise NotImplementedError
+
+    def block(self, index: int) -> torch.Tensor:
+        """Rows [index*BLOCK_ROWS, ...) of P, float32 CPU (rows, k), already scaled by 1/sqrt(k)."""
+        rows = min(BLOCK_ROWS, self.input_dim - index * BLOCK_ROWS)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(derive_seed("dense", self.kind, self.seed, self.output_dim, index))
+        return self._draw(rows, generator).mul_(1.0 / math.sqrt(self.output_dim))
+
+    def _device_matrix(self, device: torch.device) -> torch.Tensor:
+        # Only called when the whole P fits the cache: one matmul beats many small ones.
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = self.matrix().to(device)
+        return self._cache[key]
+
+    def matrix(self) -> torch.Tensor:
+        """The whole P (p, k); for tests and small p only."""
+        return torch.cat([self.block(i) for i in range(self.num_blocks)])
+
+    def _project(self, flat: torch.Tensor) -> torch.Tensor:
+        if self._cache_all:
+            return flat @ self._device_matrix(flat.device)
+        out = torch.zeros(flat.shape[0], self.output_dim, device=flat.device, dtype=torch.float32)
+        for index in range(self.num_blocks):
+            start = index * BLOCK_ROWS
+            out.addmm_(flat[:, start:start + BLOCK_ROWS], self.block(index).to(flat.device))
+        return out
+
+
+@PROJECTORS.register("rademacher")
+class RademacherProjector(DenseProjector):
+    """Entries +-1/sqrt(k), each sign with probability 1/2."""
+
+    kind = "rademacher"
+
+    def _draw(self, rows: int, generator: torch.Generator) -> torch.Tensor:
+        # One random byte gives 8 signs: 8x fewer generator calls than randint(0, 2).
+        nbytes = (self.output_dim + 7) // 8
+        packed = torch.randint(0, 256, (rows, nbytes), generator=generator, dtype=torch.int32)
+        bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+        return bits.reshape(rows, nbytes * 8)[:, :self.output_dim].float() * 2 - 1
+
+
+@PROJECTORS.register("gaussian")
+class GaussianProjector(DenseProjector):
+    """Entries N(0, 1/k)."""
+
+    kind = "gaussian"
+
+    def _draw(self, rows: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn((rows, self.output_dim), generator=generator)
+
+
+@PROJECTORS.register("identity")
+class IdentityProjector(Projector):
+    """phi = g (k = p)."""
+
+    kind = "identity"
+    key_settings = ()
+
+    def __init__(self, input_dim: int, output_dim: int | None = None, seed: int = 0,
+                 param_names: Sequence[str] | None = None) -> None:
+        if output_dim is not None and output_dim != input_dim:
+            raise ValueError(f"the identity projector keeps all p={input_dim} coordinates; "
+                             f"got k={output_dim}")
+        super().__init__(input_dim, input_dim, seed, param_names)
+
+    @classmethod
+    def build(cls, input_dim: int, projection_dim: int, seed: int = 0, sparsity: int = 4,
+              param_names: Sequence[str] | None = None) -> "IdentityProjector":
+        """k is p whatever ``projection_dim`` says (it is not in the cache key either)."""
+        return cls(input_dim, None, seed, param_names)
+
+    def _project(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.clone()
+
+
 def make_projector(kind: str, input_dim: int, output_dim: int, seed: int = 0,
                    param_names: Sequence[str] | None = None, sparsity: int = 4) -> Projector:
-    """Build a projector by name: 'sjlt', 'rademacher', 'gaussian' or 'identity'."""
-    if kind == "sjlt":
-        return SparseProjector(input_dim, output_dim, seed, sparsity, param_names)
-    if kind in ("rademacher", "gaussian"):
-        return DenseProjector(input_dim, output_dim, seed, kind, param_names)
-    if kind == "identity":
-        return IdentityProjector(input_dim, output_dim, seed, param_names)
-    raise ValueError(f"unknown projector {kind!r}; expected one of {list(PROJECTOR_KINDS)}")
+    """Build the projector registered as ``kind`` (see :data:`PROJECTORS`) for p = ``input_dim``."""
+    return PROJECTORS.get(kind).build(input_dim, output_dim, seed, sparsity, param_names)

@@ -129,7 +129,7 @@ def test_an_unsupported_pipeline_type_is_an_error(env, tmp_path, monkeypatch):
     monkeypatch.setenv("DTRAK_MODEL_DIR", str(other))
     app = run()
     assert not app.exception
-    assert "holds a StableDiffusionPipeline; only DDPMPipeline" in app.error[0].value
+    assert "holds a StableDiffusionPipeline; supported pipelines: DDPMPipeline" in app.error[0].value
 
 
 def test_a_dataset_that_does_not_match_the_model_is_an_error(env, tmp_path, monkeypatch):

@@ -7,9 +7,11 @@ import torch
 from tests.attribution.conftest import synthetic_images
 from dtrak_core.attribution import scorers
 from dtrak_core.attribution.featurizer import FeatureSettings
-from dtrak_core.attribution.methods import (APP_METHODS, METHODS, TARGET_ID_OFFSET, FeaturesNotReady, MethodCache, get_method,
-                                            score_targets, train_features)
+from dtrak_core.attribution.methods import (APP_METHODS, METHODS, FeaturesNotReady, Method, MethodCache,
+                                            get_method, score_targets, train_features)
 from dtrak_core.attribution.pipeline import feature_status, load_dataset_for, load_model
+from dtrak_core.attribution.scorers import SCORERS, Scorer, ScoreInputs
+from dtrak_core.conventions import TARGET_ID_OFFSET
 
 SETTINGS = FeatureSettings(num_timesteps=2, projection_dim=64, device="cpu")
 
@@ -27,8 +29,10 @@ def test_registry_names_and_app_menu():
     assert set(APP_METHODS) <= set(METHODS)
     assert not METHODS["pixel"].needs_features and METHODS["dtrak"].uses_lambda and not METHODS["cosine"].uses_lambda
     assert get_method("pixel-cosine") is METHODS["pixel"]
-    with pytest.raises(ValueError, match="unknown attribution method 'nope'"):
+    with pytest.raises(ValueError, match=r"^unknown attribution method 'nope'; expected one of \['dtrak', 'trak', "):
         get_method("nope")
+    assert list(METHODS)[:2] == ["dtrak", "trak"] and len(METHODS) == 10
+    assert METHODS["random"].key_fields == ("seed",) and METHODS["dtrak"].key_fields == ("features", "lambda")
     assert METHODS["trak"].feature_settings(SETTINGS).output_fn == "loss"
     assert METHODS["trak"].feature_settings(SETTINGS, "l1").output_fn == "l1"
 
@@ -88,3 +92,51 @@ def test_bad_targets_are_refused(setup):
         score_targets("pixel", [model], train, np.zeros((1, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match="lambda=-1.0"):
         score_targets("dtrak", [model], train, synthetic_images(1), SETTINGS, [-1.0], root)
+
+
+def test_a_method_must_fit_its_scorer():
+    with pytest.raises(ValueError, match=r"^unknown scorer 'ridge'; expected one of \['kernel'"):
+        Method("x", "X", "ridge", "square", "")
+    with pytest.raises(ValueError, match="scorer 'kernel' reads gradient features, so it needs an output function"):
+        Method("x", "X", "kernel", None, "")
+    with pytest.raises(ValueError, match="scorer 'random' reads no gradients, so its output function must be None"):
+        Method("x", "X", "random", "square", "")
+    with pytest.raises(ValueError, match="unknown output function 'sqaure'"):
+        Method("x", "X", "kernel", "sqaure", "")
+
+
+class ScaledDotScorer(Scorer):
+    """A rule defined outside the library: g . phi / lambda, summed over models."""
+
+    uses_lambda = True
+
+    def matrix(self, inputs: ScoreInputs, lam: float) -> np.ndarray:
+        return sum(scorers.dot_scores(g, phi) for g, phi in inputs.per_model()) / lam
+
+
+def test_a_scorer_registered_elsewhere_is_used_by_score_targets(setup, monkeypatch):
+    model, train, targets, root = setup
+    monkeypatch.setattr(SCORERS, "_entries", dict(SCORERS._entries))  # restored after the test
+    SCORERS.register("test-scaled-dot")(ScaledDotScorer)
+    method = Method("scaled", "scaled dot", "test-scaled-dot", "square", "a test rule")
+    assert method.uses_lambda and method.needs_features
+    cache = MethodCache()
+    out = score_targets(method, [model], train, targets, SETTINGS, [2.0, 4.0], root, cache=cache)
+    phi = train_features(model, train, SETTINGS, root, cache=cache).features
+    images = torch.from_numpy(targets.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    g = cache.featurizer(model, SETTINGS).featurize_batch(images, [TARGET_ID_OFFSET, TARGET_ID_OFFSET + 1])
+    expected = g.astype(np.float64) @ np.asarray(phi, dtype=np.float64).T
+    assert list(out) == [2.0, 4.0]
+    np.testing.assert_allclose(out[2.0], expected / 2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out[4.0], expected / 4, rtol=1e-4, atol=1e-6)
+
+
+def test_ensembles_and_tracin_average_over_models(setup):
+    model, train, targets, root = setup
+    cache = MethodCache()
+    one = score_targets("dtrak", [model], train, targets, SETTINGS, [1.0], root, cache=cache)[1.0]
+    two = score_targets("dtrak", [model, model], train, targets, SETTINGS, [1.0], root, cache=cache)[1.0]
+    np.testing.assert_allclose(two, one, rtol=1e-6)
+    (_, dot), = score_targets("dot", [model], train, targets, SETTINGS, root=root, cache=cache).items()
+    (_, tracin), = score_targets("tracin", [model, model], train, targets, SETTINGS, root=root, cache=cache).items()
+    np.testing.assert_allclose(tracin, dot, rtol=1e-6)

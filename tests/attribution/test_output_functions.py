@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch.func import vmap
 
+from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.output_functions import (OUTPUT_FUNCTIONS, NoiseSchedule,
-                                                     get_output_function)
+                                                     get_output_function, square)
 from dtrak_core.models import make_scheduler
 
 
@@ -66,8 +67,34 @@ def test_functions_that_ignore_the_noise_ignore_it(schedule):
 
 
 def test_unknown_output_function_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown output function 'sqaure'"):
+    with pytest.raises(ValueError, match=r"^unknown output function 'sqaure'; expected one of "
+                       r"\['loss', 'square', 'avg', 'l1', 'l2', 'linf', 'elbo'\]$"):
         get_output_function("sqaure")
+    with pytest.raises(ValueError, match="unknown output function 'sqaure'"):
+        OUTPUT_FUNCTIONS["sqaure"]
+
+
+def test_registry_holds_the_module_functions():
+    assert sorted(OUTPUT_FUNCTIONS) == ["avg", "elbo", "l1", "l2", "linf", "loss", "square"]
+    assert "square" in OUTPUT_FUNCTIONS and "sqaure" not in OUTPUT_FUNCTIONS
+    assert get_output_function("square") is square is OUTPUT_FUNCTIONS["square"]
+
+
+def negated_square(eps_pred, eps, t, schedule):
+    return -eps_pred.pow(2).mean()
+
+
+def test_a_function_registered_elsewhere_is_used_by_the_featurizer(monkeypatch, tiny_unet, scheduler):
+    monkeypatch.setattr(OUTPUT_FUNCTIONS, "_entries", dict(OUTPUT_FUNCTIONS._entries))  # restored after
+    OUTPUT_FUNCTIONS.register("test-negated-square")(negated_square)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name in ("square", "test-negated-square"):
+        settings = FeatureSettings(output_fn=name, num_timesteps=2, projection_dim=32, device="cpu")
+        out[name] = Featurizer.create(tiny_unet, scheduler, settings).featurize_batch(images, [0, 1])
+    # The gradient of -f is -grad f, and projection is linear.
+    assert np.abs(out["square"]).max() > 0
+    np.testing.assert_allclose(out["test-negated-square"], -out["square"], rtol=1e-6, atol=1e-9)
 
 
 def test_schedule_add_noise(schedule):
