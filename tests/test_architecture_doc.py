@@ -32,12 +32,16 @@ def test_every_extension_example_runs_and_its_assertions_hold():
         torch.set_num_threads(threads)
         for name, registry in registries.items():  # leave the registries as the library made them
             for entry in set(registry.names()) - before[name]:
-                registry._entries.pop(entry)
+                registry.unregister(entry)
 
 
 def _registries() -> dict:
     from dtrak_core.attribution.feature_computers import FEATURE_COMPUTERS
+    from dtrak_core.attribution.methods import METHODS
     from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS
+    from dtrak_core.attribution.projectors import PROJECTORS
+    from dtrak_core.attribution.scorers import SCORERS
     from dtrak_core.tasks import TASKS
 
-    return {"tasks": TASKS, "output functions": OUTPUT_FUNCTIONS, "computers": FEATURE_COMPUTERS}
+    return {"tasks": TASKS, "output functions": OUTPUT_FUNCTIONS, "computers": FEATURE_COMPUTERS,
+            "projectors": PROJECTORS, "scorers": SCORERS, "methods": METHODS}
