@@ -44,7 +44,7 @@ VIEW_PX = 128  # proponent tiles (32-px images upscaled 4x, nearest neighbour)
 
 def cache_root() -> Path:
     """Where features, jobs, scores and samples go (``DTRAK_CACHE`` or the repository's cache/)."""
-    return Path(os.environ.get("DTRAK_CACHE", paths.CACHE_DIR))
+    return paths.cache_dir()
 
 
 # ----------------------------------------------------------------------------- URL state

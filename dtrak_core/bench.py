@@ -44,6 +44,7 @@ from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.models import ModelError
 from dtrak_core.paths import REPO_ROOT
+from dtrak_core.tasks import Batch, DiffusionTask
 
 BENCH_DIR = REPO_ROOT / "docs" / "benchmarks"
 

@@ -12,20 +12,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from dtrak_core import bench
+from dtrak_core import bench, paths
 from dtrak_core.attribution import cli as attribution_cli
 from dtrak_core.datasets import load_image_folder
 from dtrak_core.datasets.emoji3 import build_emoji3
 from dtrak_core.evaluation import cli as evaluation_cli
 from dtrak_core.generation import SamplerConfig, generate_to_folder, image_grid
-from dtrak_core.models import load_pipeline
-from dtrak_core.paths import EMOJI3_DIR
 from dtrak_core.seeds import parse_seeds
+from dtrak_core.tasks import load_task
 from dtrak_core.training import TrainConfig, held_out_loss, train, untrained_copy
 
 
 def cmd_build_data(args: argparse.Namespace) -> None:
-    out = build_emoji3(args.out, size=args.size, limit=args.limit)
+    out = build_emoji3(args.out or paths.emoji3_dir(), size=args.size, limit=args.limit)
     print(f"wrote {out}")
 
 
@@ -34,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.subset:
         subset = [int(x) for x in Path(args.subset).read_text().split()]
     config = TrainConfig(
-        data_dir=args.data, out_dir=args.out, preset=args.preset, image_size=args.image_size,
+        data_dir=str(args.data or paths.emoji3_dir()), out_dir=args.out, preset=args.preset, image_size=args.image_size,
         split=None if args.split == "all" else args.split, filter_column=args.filter_column,
         filter_values=args.filter_values or [], subset=subset, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
@@ -55,8 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_heldout_loss(args: argparse.Namespace) -> None:
-    unet, _ = load_pipeline(args.model)
-    data = load_image_folder(args.data, image_size=unet.config.sample_size, resize=True, split=args.split)
+    size = load_task(args.model).input_shape[-1]
+    data = load_image_folder(args.data or paths.emoji3_dir(), image_size=size, resize=True, split=args.split)
     if args.filter_column:
         data = data.subset(data.where(args.filter_column, args.filter_values or []))
     trained = held_out_loss(args.model, data, num_timesteps=args.timesteps)
@@ -71,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-data", help="render the emoji3 dataset")
-    p.add_argument("--out", default=str(EMOJI3_DIR))
+    p.add_argument("--out", default=None, help="folder (default: the cache's emoji3/)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="keep the first N subjects")
     p.set_defaults(func=cmd_build_data)
 
     p = sub.add_parser("train", help="train (or resume) a DDPM on an image folder")
-    p.add_argument("--data", default=str(EMOJI3_DIR))
+    p.add_argument("--data", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="demo")
     p.add_argument("--image-size", type=int, default=32)
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("heldout-loss", help="diffusion loss of a model and of its untrained twin")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", default=str(EMOJI3_DIR))
+    p.add_argument("--data", default=None)
     p.add_argument("--split", default="validation")
     p.add_argument("--filter-column", default=None)
     p.add_argument("--filter-values", nargs="*")

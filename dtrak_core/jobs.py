@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from dtrak_core import paths
 from dtrak_core.io import hold_lock, sha256_json, write_json_atomic
 from dtrak_core.progress import JOB_DIR_VARIABLE, PROGRESS_FILE
 
@@ -49,9 +50,7 @@ class JobError(RuntimeError):
 
 def default_root() -> Path:
     # Read at call time so a changed DTRAK_CACHE (tests, several app instances) is honoured.
-    from dtrak_core import paths
-
-    return Path(os.environ.get("DTRAK_CACHE", paths.CACHE_DIR)) / "jobs"
+    return paths.cache_dir() / "jobs"
 
 
 def job_key(args: Sequence[str], identity: object = None) -> str:

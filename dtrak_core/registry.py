@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dtrak_core import paths
 from dtrak_core.io import write_json_atomic
 
 REGISTRY_FILE = "registry.json"
@@ -41,9 +42,7 @@ class ModelEntry:
 
 
 def _cache_root() -> Path:
-    from dtrak_core import paths
-
-    return Path(os.environ.get("DTRAK_CACHE", paths.CACHE_DIR))
+    return paths.cache_dir()
 
 
 def registry_path(cache_root: str | Path | None = None) -> Path:

@@ -56,7 +56,7 @@ def _add_feature_options(parser: argparse.ArgumentParser, output_fn: str | None 
     group.add_argument("--device", default="auto", choices=DEVICES)
     group.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     group.add_argument("--cache-dir", type=Path, default=None,
-                       help="feature store root (default CACHE_DIR/features)")
+                       help="feature store root (default: the cache's features/)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -1,7 +1,7 @@
 """A content-addressed, resumable store of features on disk.
 
 Layout: ``<root>/<key>/manifest.json`` and ``<root>/<key>/features.npy`` (float32 (n, k), a
-NumPy ``.npy`` opened as a memory map), with ``root = CACHE_DIR / "features"`` by default.
+NumPy ``.npy`` opened as a memory map), with ``root = paths.features_dir()`` by default.
 
 The key is sha256 over the *identity* of the features: the model weights hash (sha256 over the
 state_dict tensors' names, dtypes, shapes and bytes in sorted order), the scheduler config and
@@ -33,7 +33,7 @@ import dtrak_core
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.schedule import NoiseSchedule
 from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
-from dtrak_core.paths import CACHE_DIR
+from dtrak_core import paths
 from dtrak_core.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -179,7 +179,7 @@ def compute_features(
         featurizer: built for the model and settings.
         dataset_hash: content hash of the data (``ImageFolderDataset.content_hash``).
         sample_ids: noise ids per row (default 0..N-1).
-        root: store root (default ``CACHE_DIR / "features"``).
+        root: store root (default ``paths.features_dir()``).
         model_hash, sched_hash: precomputed hashes (computed from the featurizer's model otherwise).
         on_batch: called with (rows_done, N) after each stored batch.
     """
@@ -189,7 +189,7 @@ def compute_features(
     ids = list(range(n)) if sample_ids is None else [int(i) for i in sample_ids]
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for {n} images; expected one id per image")
-    root = Path(root) if root is not None else CACHE_DIR / "features"
+    root = Path(root) if root is not None else paths.features_dir()
     model_hash = model_hash or model_weights_hash(featurizer.model)
     identity = feature_identity(model_hash, sched_hash or "", dataset_hash, featurizer.settings, ids,
                                 schedule_hash(featurizer.schedule))

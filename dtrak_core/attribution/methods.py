@@ -211,7 +211,7 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
             :meth:`Method.feature_settings`); default: the method's defaults.
         lambdas: ridge lambdas for kernel methods; methods without lambda return one matrix
             keyed by NaN.
-        root: feature store root (default ``CACHE_DIR / "features"``).
+        root: feature store root (default ``paths.features_dir()``).
         compute_missing: compute missing training features here (long); if False raise
             :class:`FeaturesNotReady` instead.
         seed: seed of the random baseline.

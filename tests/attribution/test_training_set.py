@@ -44,7 +44,7 @@ def test_a_data_folder_that_does_not_match_the_recipe_is_refused(model_dir, tmp_
 def test_moved_data_folder_is_found_in_the_cache_or_reported(model_dir, tmp_path, monkeypatch):
     data = write_image_folder(tmp_path / "cache" / "mydata", synthetic_images(4))
     add_recipe(model_dir, "/somewhere/else/mydata", train_files=["img_001.png", "img_003.png"])
-    monkeypatch.setattr("dtrak_core.paths.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("DTRAK_CACHE", str(tmp_path / "cache"))
     assert len(load_training_set(load_model(model_dir))) == 2
     shutil.rmtree(data)
     with pytest.raises(DatasetError, match="/somewhere/else/mydata recorded in .* does not exist"):
