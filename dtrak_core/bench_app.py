@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         results = bench_app(args.model, args.repeats)
     report = {"command": "python -m dtrak_core.bench_app " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, **results}
-    from dtrak_core.attribution.pipeline import read_recipe
     from dtrak_core.models import model_hash
+    from dtrak_core.training import read_recipe
 
     recipe = read_recipe(args.model) or {}
     report["model"] = {"path": str(args.model), "weights_sha256": model_hash(args.model),
