@@ -35,10 +35,11 @@ from streamlit.testing.v1 import AppTest
 
 from dtrak_app import common
 from dtrak_core.attribution.methods import METHODS
-from dtrak_core.attribution.pipeline import feature_status, load_model, load_training_set, read_recipe
+from dtrak_core.attribution.pipeline import feature_status, load_model, load_training_set
+from dtrak_core.training import read_recipe
 from dtrak_core.bench import machine_info
 from dtrak_core.io import atomic_path, write_json_atomic
-from dtrak_core.models import model_hash
+from dtrak_core.models import pipeline_files_hash
 from dtrak_core.paths import REPO_ROOT
 
 APP = REPO_ROOT / "app.py"
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "python -m dtrak_app.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, **results}
     recipe = read_recipe(args.model) or {}
-    report["model"] = {"path": str(args.model), "weights_sha256": model_hash(args.model),
+    report["model"] = {"path": str(args.model), "weights_sha256": pipeline_files_hash(args.model),
                        "steps_done": recipe.get("steps_done"), "train_images": recipe.get("num_train_images"),
                        "parameters": recipe.get("parameters")}
     args.out_dir.mkdir(parents=True, exist_ok=True)

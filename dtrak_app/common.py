@@ -31,7 +31,7 @@ from dtrak_core.attribution.pipeline import LoadedModel, feature_status, load_mo
 from dtrak_core.conventions import DEFAULT_LAMBDA
 from dtrak_core.datasets import DatasetError, ImageFolderDataset
 from dtrak_core.generation import SamplerConfig, generate_to_folder
-from dtrak_core.models import ModelError, model_hash
+from dtrak_core.models import ModelError, pipeline_files_hash
 
 GALLERY_SEEDS = tuple(range(16))
 DEFAULTS = {"method": "dtrak", "K": 10, "k": 2048, "lambda": DEFAULT_LAMBDA, "target": "gallery", "seed": 0}
@@ -160,7 +160,7 @@ def model_context() -> Context | None:
     st.sidebar.selectbox("Model", names, key="model")
     entry = entries[names.index(st.session_state["model"])]
     try:
-        content_hash = model_hash(entry.model_dir)
+        content_hash = pipeline_files_hash(entry.model_dir)
     except FileNotFoundError:
         try:
             load_model(entry.model_dir)  # says precisely what is wrong (no folder, not a pipeline, type)

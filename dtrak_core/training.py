@@ -18,6 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +26,9 @@ from typing import Iterator
 import torch
 from diffusers import UNet2DModel
 
+from dtrak_core import paths
 from dtrak_core.datasets import ImageFolderDataset, load_image_folder
+from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.diffusion import diffusion_loss, generator
 from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_scheduler
@@ -81,10 +84,7 @@ def load_training_data(config: TrainConfig) -> ImageFolderDataset:
     """The training images the config selects (split, filter, then subset)."""
     dataset = load_image_folder(config.data_dir, image_size=config.image_size, resize=True,
                                 split=config.split)
-    if config.filter_column:
-        dataset = dataset.subset(dataset.where(config.filter_column, config.filter_values))
-    if config.subset is not None:
-        dataset = dataset.subset(config.subset)
+    dataset = select_training_rows(dataset, config)
     if len(dataset) == 0:
         raise ValueError(f"the training selection of {config.data_dir} is empty")
     return dataset
@@ -255,3 +255,65 @@ def held_out_loss(model_dir: str | Path, data: ImageFolderDataset, seed: int = 0
     return float(diffusion_loss(task, inputs, timesteps, seed).mean())
 
 
+def select_training_rows(dataset: ImageFolderDataset,
+                         config: TrainConfig | Mapping[str, object]) -> ImageFolderDataset:
+    """The rows of ``dataset`` (one split, as loaded) that a training config selects.
+
+    First ``filter_column`` / ``filter_values`` (rows whose column is one of the values), then
+    ``subset`` (indices into the filtered rows, in that order). ``config`` is a
+    :class:`TrainConfig` or the ``config`` dict of a ``recipe.json``; the split is the loader's
+    job. Row i of the result is training image i (its noise id).
+    """
+    def setting(name: str):
+        return config.get(name) if isinstance(config, Mapping) else getattr(config, name)
+
+    column, subset = setting("filter_column"), setting("subset")
+    if column:
+        dataset = dataset.subset(dataset.where(str(column), list(setting("filter_values") or [])))
+    if subset is not None:
+        dataset = dataset.subset(list(subset))
+    return dataset
+
+
+def resolve_data_dir(recorded: str, model_dir: str | Path) -> Path:
+    """The recipe's data folder, or where it most likely is now (the repository moved).
+
+    A recipe records the folder the trainer read, often as an absolute path on the machine that
+    trained. When that path does not exist here we try it relative to the repository root and
+    to the model folder, then a folder of the same name in the cache (the embedded datasets
+    live there). ``paths`` is read at call time so a changed cache folder is honoured.
+    """
+    model_dir = Path(model_dir)
+    path = Path(recorded)
+    candidates = [path] if path.is_absolute() else [paths.REPO_ROOT / path, model_dir / path]
+    candidates.append(paths.CACHE_DIR / path.name)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise DatasetError(f"the training data folder {recorded} recorded in {model_dir / RECIPE_FILE} does not "
+                       f"exist (also looked for {', '.join(str(c) for c in candidates[1:])}); "
+                       "register the model with its data folder")
+
+
+def read_recipe(model_dir: str | Path) -> dict | None:
+    """The model folder's ``recipe.json`` as a dict, or None when the folder has none."""
+    path = Path(model_dir) / RECIPE_FILE
+    if not path.exists():
+        return None
+    try:
+        recipe = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("config"), dict):
+        raise DatasetError(f"{path} has no 'config' object; expected the recipe our trainer writes")
+    return recipe
+
+
+def read_recipe_config(model_dir: str | Path) -> dict:
+    """The model folder's ``recipe.json`` (see :func:`read_recipe`), or a clear error when it has
+    none: retraining a model (LDS, counterfactual) needs the recipe it was trained with."""
+    recipe = read_recipe(model_dir)
+    if recipe is None:
+        raise ValueError(f"{model_dir} has no {RECIPE_FILE}; retraining (LDS, counterfactual) needs the recipe the "
+                         "model was trained with")
+    return recipe

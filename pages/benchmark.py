@@ -17,9 +17,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dtrak_app import common as c
-from dtrak_core.evaluation.lds import TARGET_KINDS, Targets, load_outputs
-from dtrak_core.evaluation.lds_scores import (DEFAULT_GRID, PAPER_LDS, PREDICTIONS_FILE, RESULTS_FILE,
-                                              results_match_targets)
+from dtrak_core.evaluation.lds.config import TARGET_KINDS
+from dtrak_core.evaluation.lds.outputs import load_outputs
+from dtrak_core.evaluation.lds.report import PAPER_LDS
+from dtrak_core.evaluation.lds.scores import DEFAULT_GRID, PREDICTIONS_FILE, RESULTS_FILE, results_match_targets
+from dtrak_core.evaluation.lds.targets import Targets
 from dtrak_core.evaluation.metrics import spearman
 from dtrak_core.paths import REPO_ROOT
 

@@ -7,7 +7,6 @@ computed, each with a one-sentence error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from dtrak_core.attribution.scorers import KernelScorer, check_lambda
 from dtrak_core.datasets.imagefolder import DatasetError, ImageFolderDataset, load_image_folder
 from dtrak_core.models import RECIPE_FILE
 from dtrak_core.tasks import DiffusionTask, load_task
+from dtrak_core.training import read_recipe, resolve_data_dir, select_training_rows
 
 
 @dataclass
@@ -99,40 +99,6 @@ def kernel_scores(train: FeatureSet | np.ndarray, targets: FeatureSet | np.ndarr
     return KernelScorer(phi).sweep(g, lambdas)
 
 
-def _resolve_data_dir(recorded: str, model_dir: Path) -> Path:
-    """The recipe's data folder, or where it most likely is now (the repository moved).
-
-    A recipe records the folder the trainer read, often as an absolute path on the machine that
-    trained. When that path does not exist here we try it relative to the repository root and
-    then a folder of the same name in the cache (the embedded datasets live there).
-    """
-    from dtrak_core.paths import CACHE_DIR, REPO_ROOT
-
-    path = Path(recorded)
-    candidates = [path] if path.is_absolute() else [REPO_ROOT / path, model_dir / path]
-    candidates.append(CACHE_DIR / path.name)
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise DatasetError(f"the training data folder {recorded} recorded in {model_dir / RECIPE_FILE} does not "
-                       f"exist (also looked for {', '.join(str(c) for c in candidates[1:])}); "
-                       "register the model with its data folder")
-
-
-def read_recipe(model_dir: str | Path) -> dict | None:
-    """The model folder's ``recipe.json`` as a dict, or None when the folder has none."""
-    path = Path(model_dir) / RECIPE_FILE
-    if not path.exists():
-        return None
-    try:
-        recipe = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("config"), dict):
-        raise DatasetError(f"{path} has no 'config' object; expected the recipe our trainer writes")
-    return recipe
-
-
 def load_training_set(model: LoadedModel, data_dir: str | Path | None = None,
                       label_column: str | None = "artist") -> ImageFolderDataset:
     """Exactly the images the model was trained on, in training order (row i = sample id i).
@@ -149,12 +115,8 @@ def load_training_set(model: LoadedModel, data_dir: str | Path | None = None,
             raise DatasetError(f"{model.path} has no {RECIPE_FILE}; give the folder of its training images")
         return load_dataset_for(model, data_dir, None, label_column)
     config = recipe["config"]
-    folder = Path(data_dir) if data_dir is not None else _resolve_data_dir(str(config.get("data_dir")), model.path)
-    dataset = load_dataset_for(model, folder, config.get("split"), label_column)
-    if config.get("filter_column"):
-        dataset = dataset.subset(dataset.where(config["filter_column"], config.get("filter_values") or []))
-    if config.get("subset") is not None:
-        dataset = dataset.subset(config["subset"])
+    folder = Path(data_dir) if data_dir is not None else resolve_data_dir(str(config.get("data_dir")), model.path)
+    dataset = select_training_rows(load_dataset_for(model, folder, config.get("split"), label_column), config)
     expected = recipe.get("train_files")
     if expected is not None:
         found = dataset.metadata["file_name"].astype(str).tolist()

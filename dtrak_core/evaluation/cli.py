@@ -11,8 +11,27 @@ import shlex
 import sys
 from pathlib import Path
 
+from dtrak_core.attribution.feature_store import StaleFeaturesError
+from dtrak_core.cli_options import add_field_option, field_default
+from dtrak_core.conventions import DEFAULT_PROJECTION_DIM
+from dtrak_core.datasets.imagefolder import DatasetError
+from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, experiment_lock_path, resolve_k,
+                                                  run_counterfactual)
+from dtrak_core.evaluation.counterfactual import write_report as write_counterfactual_report
+from dtrak_core.evaluation.embeddings import load_embedder
+from dtrak_core.evaluation.lds.build import build_lds
+from dtrak_core.evaluation.lds.config import RESULTS_DIR, LdsBuildConfig
+from dtrak_core.evaluation.lds.report import write_report as write_lds_report
+from dtrak_core.evaluation.lds.scores import (DEFAULT_BATCH_SIZE, DEFAULT_GRID, DEFAULT_LAMBDAS, compute_scores,
+                                              evaluate, evaluate_matrix, get_entry, load_scores)
+from dtrak_core.evaluation.metrics import DEFAULT_NUM_BOOTSTRAP
+from dtrak_core.evaluation.retrain import STEPS_RULES
+from dtrak_core.io import try_lock
+from dtrak_core.models import ModelError
 from dtrak_core.paths import MINI_MODEL_DIR, REPO_ROOT
+from dtrak_core.progress import progress_bar
 from dtrak_core.seeds import format_seeds, parse_seeds
+from dtrak_core.training import read_recipe_config
 
 DEFAULT_LDS_OUT = REPO_ROOT / "benchmarks" / "lds" / "emoji3-mini"
 DEFAULT_LDS_REPORT = REPO_ROOT / "docs" / "benchmarks" / "lds.md"
@@ -38,36 +57,38 @@ def _training_seeds(text: str) -> list[int]:
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``lds`` (with build, attribute, score, report) and ``counterfactual``."""
+    """Register ``lds`` (with build, attribute, score, report) and ``counterfactual``.
+
+    Defaults and help of options that set a config field come from the field
+    (:func:`dtrak_core.cli_options.add_field_option`).
+    """
     lds = subparsers.add_parser("lds", help="Linear Datamodeling Score benchmark (subset retrains)",
                                 description="LDS: retrain on random half subsets, measure, correlate with "
                                 "attribution scores.")
     sub = lds.add_subparsers(dest="lds_command", required=True)
 
     b = sub.add_parser("build", help="draw subsets, retrain on each, measure the targets (resumable)")
-    b.add_argument("--model", type=Path, default=MINI_MODEL_DIR, help="pipeline folder with recipe.json")
-    b.add_argument("--out", type=Path, default=DEFAULT_LDS_OUT, help="build folder (commit-able results)")
-    b.add_argument("--subsets", type=int, default=64, help="reported subsets M (default %(default)s)")
-    b.add_argument("--tuning-subsets", type=int, default=16,
-                   help="separate subsets for choosing lambda (default %(default)s)")
-    b.add_argument("--seeds", type=_training_seeds, default=[0, 1],
-                   help="training seeds per subset: a count S (seeds 0..S-1) or a list '0,3' (default 2)")
-    b.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default %(default)s)")
-    b.add_argument("--subset-seed", type=int, default=0)
-    b.add_argument("--stratify-column", default="artist")
-    b.add_argument("--steps-rule", choices=("epochs", "steps"), default="epochs",
-                   help="epochs: same passes over the data (half the steps on half the data); steps: recipe's")
-    b.add_argument("--measure-timesteps", type=int, default=100)
-    b.add_argument("--measure-noise", type=int, default=1, help="noise draws per (target, t)")
-    b.add_argument("--generated-seeds", type=parse_seeds, default=parse_seeds("0-99"))
-    b.add_argument("--max-validation", type=int, default=None)
-    b.add_argument("--extra-validation", action="append", default=[], metavar="COLUMN=VALUE",
-                   help="also use the held-out images where COLUMN == VALUE (another selection of the same "
-                   "dataset) as validation targets; may be added to a finished build (repeatable)")
-    b.add_argument("--ensemble-seeds", type=parse_seeds, default=[],
-                   help="also retrain the full model with these seeds (for the D-TRAK ensemble)")
-    b.add_argument("--keep-models", action="store_true", help="keep subset models after measuring")
-    b.add_argument("--work-dir", type=Path, default=None, help="where models train (default OUT/runs)")
+
+    def build_option(name: str, *flags: str, **kwargs) -> None:
+        add_field_option(b, LdsBuildConfig, name, *flags, **kwargs)
+
+    build_option("model_dir", "--model", type=Path, default=MINI_MODEL_DIR)
+    build_option("out_dir", "--out", type=Path, default=DEFAULT_LDS_OUT)
+    build_option("num_subsets", "--subsets", type=int)
+    build_option("num_tuning_subsets", "--tuning-subsets", type=int)
+    build_option("seeds", "--seeds", type=_training_seeds)
+    build_option("alpha", "--alpha", type=float)
+    build_option("subset_seed", "--subset-seed", type=int)
+    build_option("stratify_column", "--stratify-column")
+    build_option("steps_rule", "--steps-rule", choices=STEPS_RULES)
+    build_option("measure_timesteps", "--measure-timesteps", type=int)
+    build_option("measure_noise", "--measure-noise", type=int)
+    build_option("generated_seeds", "--generated-seeds", type=parse_seeds)
+    build_option("max_validation", "--max-validation", type=int)
+    build_option("extra_validation", "--extra-validation", action="append", metavar="COLUMN=VALUE")
+    build_option("ensemble_seeds", "--ensemble-seeds", type=parse_seeds)
+    build_option("keep_models", "--keep-models", action="store_true")
+    build_option("work_dir", "--work-dir", type=Path)
     b.add_argument("--max-models", type=int, default=None, help="stop after training this many models")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_lds_build)
@@ -76,8 +97,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--build", type=Path, default=DEFAULT_LDS_OUT)
     a.add_argument("--entries", nargs="+", default=None, help="grid entries (default: all)")
     a.add_argument("--lambdas", type=float, nargs="+", default=None, help="lambda sweep (default: 1e-2..1e7)")
-    a.add_argument("-k", "--projection-dim", type=int, default=2048)
-    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("-k", "--projection-dim", type=int, default=DEFAULT_PROJECTION_DIM)
+    a.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     a.add_argument("--cache-dir", type=Path, default=None, help="feature store root")
     a.add_argument("--force", action="store_true")
     a.add_argument("--no-progress", action="store_true")
@@ -88,7 +109,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--scores", type=Path, nargs="+", default=None,
                    help="score files (.npy (targets, train) or .npz of 'lds attribute'); default: every grid "
                    "entry, written to BUILD/results/")
-    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--bootstrap", type=int, default=DEFAULT_NUM_BOOTSTRAP)
     s.add_argument("--report", type=Path, default=None, help="also write the markdown table here")
     s.set_defaults(func=cmd_lds_score)
 
@@ -100,16 +121,19 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser("counterfactual", help="remove top proponents, retrain, regenerate, compare",
                               description="Counterfactual check of attributions (resumable, cached). Several "
                               "target seeds or methods = batch mode, which also writes the markdown table.")
+
+    def counterfactual_option(name: str, *flags: str, **kwargs) -> None:
+        add_field_option(c, CounterfactualConfig, name, *flags, **kwargs)
+
     c.add_argument("--model", type=Path, default=MINI_MODEL_DIR)
     c.add_argument("--target-seed", type=parse_seeds, required=True, help="seed(s), e.g. 3 or 0-59")
-    c.add_argument("--method", nargs="+", default=["dtrak"],
-                   help="dtrak, trak, random, artist:<name> or another attribution method (several allowed)")
-    c.add_argument("--k", type=int, default=None, help="images to remove (default 20%% of the training set)")
-    c.add_argument("--lambda", dest="lam", type=float, default=100.0)
-    c.add_argument("-K", "--num-timesteps", type=int, default=10)
-    c.add_argument("-k", "--projection-dim", type=int, default=2048)
-    c.add_argument("--steps-rule", choices=("epochs", "steps"), default="epochs")
-    c.add_argument("--random-seed", type=int, default=0)
+    counterfactual_option("method", "--method", nargs="+", default=[field_default(CounterfactualConfig, "method")])
+    counterfactual_option("k", "--k", type=int)
+    counterfactual_option("lam", "--lambda", dest="lam", type=float)
+    counterfactual_option("num_timesteps", "-K", "--num-timesteps", type=int)
+    counterfactual_option("projection_dim", "-k", "--projection-dim", type=int)
+    counterfactual_option("steps_rule", "--steps-rule", choices=STEPS_RULES)
+    counterfactual_option("random_seed", "--random-seed", type=int)
     c.add_argument("--results", type=Path, default=None,
                    help="results folder (default benchmarks/counterfactual/<model folder name>)")
     c.add_argument("--models-dir", type=Path, default=None, help="retrained models (default cache/counterfactual)")
@@ -122,10 +146,6 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(fn, args: argparse.Namespace) -> int:
-    from dtrak_core.attribution.feature_store import StaleFeaturesError
-    from dtrak_core.datasets.imagefolder import DatasetError
-    from dtrak_core.models import ModelError
-
     try:
         return fn(args) or 0
     except (ModelError, DatasetError, StaleFeaturesError, ValueError, FileNotFoundError) as error:
@@ -154,8 +174,6 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
 
 
 def _lds_build(args: argparse.Namespace) -> int:
-    from dtrak_core.evaluation.lds import LdsBuildConfig, build_lds
-
     config = LdsBuildConfig(
         model_dir=str(args.model), out_dir=str(args.out), num_subsets=args.subsets,
         num_tuning_subsets=args.tuning_subsets, seeds=args.seeds, alpha=args.alpha, subset_seed=args.subset_seed,
@@ -171,8 +189,6 @@ def _lds_build(args: argparse.Namespace) -> int:
 
 
 def _lds_attribute(args: argparse.Namespace) -> int:
-    from dtrak_core.evaluation.lds_scores import DEFAULT_GRID, DEFAULT_LAMBDAS, compute_scores, get_entry
-
     entries = [get_entry(name) for name in args.entries] if args.entries else list(DEFAULT_GRID)
     lambdas = args.lambdas or DEFAULT_LAMBDAS
     status = compute_scores(args.build, entries, lambdas, args.projection_dim, args.cache_dir, args.batch_size,
@@ -183,8 +199,6 @@ def _lds_attribute(args: argparse.Namespace) -> int:
 
 
 def _lds_score(args: argparse.Namespace) -> int:
-    from dtrak_core.evaluation.lds_scores import evaluate, evaluate_matrix, load_scores, write_report
-
     if args.scores:
         for path in args.scores:
             lambdas, scores = load_scores(path)
@@ -201,34 +215,26 @@ def _lds_score(args: argparse.Namespace) -> int:
     results = evaluate(args.build, num_bootstrap=args.bootstrap)
     measured = sum(any(k.get("status") == "measured" for k in e.get("kinds", {}).values())
                    for e in results["entries"].values())
-    print(f"LDS of {measured} of {len(results['entries'])} methods written to {Path(args.build) / 'results'}")
+    print(f"LDS of {measured} of {len(results['entries'])} methods written to {Path(args.build) / RESULTS_DIR}")
     if args.report:
         command = (f"python -m dtrak_core lds score --build {shlex.quote(str(args.build))} "
                    f"--report {shlex.quote(str(args.report))}")
-        write_report(args.build, args.report, command)
+        write_lds_report(args.build, args.report, command)
         print(f"wrote {args.report}")
     return 0
 
 
 def _lds_report(args: argparse.Namespace) -> int:
-    from dtrak_core.evaluation.lds_scores import write_report
-
     command = (f"python -m dtrak_core lds score --build {shlex.quote(str(args.build))} && "
                f"python -m dtrak_core lds report --build {shlex.quote(str(args.build))} "
                f"--out {shlex.quote(str(args.out))}")
-    write_report(args.build, args.out, command)
+    write_lds_report(args.build, args.out, command)
     print(f"wrote {args.out}")
     return 0
 
 
 def _counterfactual(args: argparse.Namespace) -> int:
-    from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, experiment_lock_path, resolve_k,
-                                                      run_counterfactual, write_report)
-    from dtrak_core.io import try_lock
-
     results = args.results or REPO_ROOT / "benchmarks" / "counterfactual" / Path(args.model).resolve().name
-    from dtrak_core.evaluation.lds import read_recipe_config
-
     # k resolved here (default 20% of the recipe's training images) so that the experiment
     # names, and the locks workers share, do not depend on how k was given.
     num_train = read_recipe_config(args.model)["num_train_images"]
@@ -244,15 +250,11 @@ def _counterfactual(args: argparse.Namespace) -> int:
                 config.models_dir = str(args.models_dir)
             config.validate()  # every input checked before the first retrain
             configs.append(config)
-    from dtrak_core.progress import progress_bar
-
     # update() per experiment (not iteration) so a background job's progress file follows too.
     bar = progress_bar(total=len(configs), desc="counterfactual", unit="experiment",
                        disable=args.no_progress or len(configs) == 1)
     embedder = None
     if args.embedding_model is not None:
-        from dtrak_core.evaluation.embeddings import load_embedder
-
         embedder = load_embedder(args.embedding_model)
     for config in configs:
         # Several workers may run the same batch (one per core): each experiment is run by the
@@ -275,6 +277,6 @@ def _counterfactual(args: argparse.Namespace) -> int:
                    + (f" --k {args.k}" if args.k else "")
                    + (f" --embedding-model {shlex.quote(str(args.embedding_model))}" if args.embedding_model else "")
                    + f" --report {shlex.quote(str(_repo_relative(report)))}")
-        write_report(results, report, command)
+        write_counterfactual_report(results, report, command)
         print(f"wrote {report}")
     return 0

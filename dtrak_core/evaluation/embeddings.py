@@ -69,6 +69,7 @@ def load_embedder(folder: str | Path) -> ImageEmbedder:
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise EmbeddingModelError(f"embedding model folder {folder} has no .safetensors weights")
+    # transformers is slow to import and needed only when an embedding model is asked for.
     from transformers import AutoImageProcessor, AutoModel
 
     try:

@@ -13,6 +13,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
+#: Bootstrap resamples of a CI (over subsets for the LDS, over targets for paired differences).
+DEFAULT_NUM_BOOTSTRAP = 1000
+#: Resamples of a paired mean difference over targets (a few dozen pairs: cheap, so more of them).
+DEFAULT_PAIRED_BOOTSTRAP = 2000
+
 
 def _ranks(values: np.ndarray, axis: int = -1) -> np.ndarray:
     """Average ranks (ties share the mean rank, as Spearman's definition asks) along ``axis``."""
@@ -102,8 +107,8 @@ def _nanmean_or_nan(values: np.ndarray, axis: int | None = None) -> np.ndarray |
         return np.nanmean(values, axis=axis)
 
 
-def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, num_bootstrap: int = 1000,
-                confidence: float = 0.95, seed: int = 0) -> LdsSummary:
+def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray,
+                num_bootstrap: int = DEFAULT_NUM_BOOTSTRAP, confidence: float = 0.95, seed: int = 0) -> LdsSummary:
     """Mean LDS over targets and a percentile bootstrap CI that resamples the subsets.
 
     Each bootstrap replicate draws M subsets with replacement, recomputes every target's
@@ -131,7 +136,8 @@ def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, num_b
 
 
 def paired_lds_difference(predictions_a: np.ndarray, predictions_b: np.ndarray, losses: np.ndarray,
-                          num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+                          num_bootstrap: int = DEFAULT_NUM_BOOTSTRAP, confidence: float = 0.95,
+                          seed: int = 0) -> tuple[float, float, float]:
     """LDS(a) - LDS(b) on the same targets and subsets, with a paired bootstrap CI over subsets.
 
     predictions_*: (T, M) predicted outputs of two methods; losses: (M, T) measured losses.
@@ -160,8 +166,8 @@ def paired_lds_difference(predictions_a: np.ndarray, predictions_b: np.ndarray, 
     return difference(np.arange(M)), float(low), float(high)
 
 
-def paired_mean_difference(a: np.ndarray, b: np.ndarray, num_bootstrap: int = 2000, confidence: float = 0.95,
-                           seed: int = 0) -> tuple[float, float, float]:
+def paired_mean_difference(a: np.ndarray, b: np.ndarray, num_bootstrap: int = DEFAULT_PAIRED_BOOTSTRAP,
+                           confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """mean(a - b) over paired items (T,), with a percentile bootstrap CI that resamples the pairs.
 
     a, b: (T,) one value per item (e.g. a counterfactual's pixel L2 per target for two removal

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dtrak_core.diffusion import derived_seed
+from dtrak_core.seeds import experiment_seed
 from dtrak_core.io import write_bytes_atomic
 
 ROLES = ("tune", "report")
@@ -66,7 +66,7 @@ def draw_subsets(strata: Sequence[str], num_subsets: int, alpha: float = 0.5, se
         raise ValueError(f"number of subsets {num_subsets} must be >= 0")
     subsets = []
     for m in range(num_subsets):
-        rng = np.random.default_rng(derived_seed("lds-subset", seed, role, m))
+        rng = np.random.default_rng(experiment_seed("lds-subset", seed, role, m))
         subsets.append(Subset(f"{role}-{m:03d}", role, m, tuple(int(i) for i in stratified_subset(strata, alpha, rng))))
     return subsets
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dtrak_core.evaluation.counterfactual import CounterfactualConfig, run_counterfactual
-from dtrak_core.evaluation.lds import LdsBuildConfig, build_lds
-from dtrak_core.evaluation.lds_scores import compute_scores, evaluate, get_entry
+from dtrak_core.evaluation.lds.build import build_lds
+from dtrak_core.evaluation.lds.config import LdsBuildConfig
+from dtrak_core.evaluation.lds.scores import compute_scores, evaluate, get_entry
 from tests.conftest import write_image_folder
 
 PAGES = Path(__file__).resolve().parents[2] / "pages"

@@ -44,8 +44,8 @@ def test_benchmark_keeps_the_table_but_not_the_scatter_when_targets_were_added_a
                                                                                             tmp_path):
     import shutil
 
-    from dtrak_core.evaluation.lds import Targets
-    from dtrak_core.evaluation.lds_scores import results_match_targets
+    from dtrak_core.evaluation.lds.scores import results_match_targets
+    from dtrak_core.evaluation.lds.targets import Targets
 
     build = tmp_path / "lds"
     shutil.copytree(eval_vars.lds_dir, build)

@@ -18,6 +18,53 @@ def test_subcommands_are_wired_into_the_main_parser():
     assert args.target_seed == [0, 1, 2] and args.method == ["dtrak", "random"]
 
 
+def test_option_defaults_are_the_config_fields_defaults():
+    from dtrak_core.evaluation.counterfactual import CounterfactualConfig
+    from dtrak_core.evaluation.lds.config import LdsBuildConfig
+
+    parser = build_parser()
+    lds, defaults = parser.parse_args(["lds", "build"]), LdsBuildConfig("model", "out")
+    for option, name in [("subsets", "num_subsets"), ("tuning_subsets", "num_tuning_subsets"), ("seeds", "seeds"),
+                         ("alpha", "alpha"), ("subset_seed", "subset_seed"), ("steps_rule", "steps_rule"),
+                         ("measure_timesteps", "measure_timesteps"), ("measure_noise", "measure_noise"),
+                         ("generated_seeds", "generated_seeds"), ("max_validation", "max_validation"),
+                         ("extra_validation", "extra_validation"), ("ensemble_seeds", "ensemble_seeds"),
+                         ("keep_models", "keep_models")]:
+        assert getattr(lds, option) == getattr(defaults, name), option
+    cf, defaults = parser.parse_args(["counterfactual", "--target-seed", "0"]), CounterfactualConfig("model", 0)
+    assert (cf.lam, cf.num_timesteps, cf.projection_dim, cf.steps_rule, cf.random_seed, cf.k) == (
+        defaults.lam, defaults.num_timesteps, defaults.projection_dim, defaults.steps_rule, defaults.random_seed,
+        defaults.k)
+    assert cf.method == [defaults.method]
+
+
+def test_a_field_option_takes_default_and_help_from_the_field():
+    import argparse
+    from dataclasses import dataclass, field
+
+    import pytest
+
+    from dtrak_core.cli_options import add_field_option
+
+    @dataclass
+    class Toy:
+        name: str
+        count: int = field(default=3, metadata={"help": "how many (at most 100%)"})
+        seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "which seeds"})
+
+    parser = argparse.ArgumentParser()
+    add_field_option(parser, Toy, "count", "--count", type=int)
+    add_field_option(parser, Toy, "seeds", "--seeds", type=int, nargs="+")
+    assert vars(parser.parse_args([])) == {"count": 3, "seeds": [1, 2]}
+    assert parser.parse_args(["--count", "5"]).count == 5
+    text = " ".join(parser.format_help().split())
+    assert "how many (at most 100%) (default: 3)" in text and "which seeds" in text and "[1, 2]" not in text
+    with pytest.raises(ValueError, match="Toy.name has no default"):
+        add_field_option(parser, Toy, "name", "--name")
+    with pytest.raises(ValueError, match="Toy has no field 'size'"):
+        add_field_option(parser, Toy, "size", "--size")
+
+
 def test_bad_input_ends_with_one_sentence(tiny_model_dir, tmp_path, capsys):
     assert main(["lds", "build", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"), "--subsets", "1"]) == 2
     assert "--subsets 1 must be at least 2" in capsys.readouterr().err

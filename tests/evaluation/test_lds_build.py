@@ -8,9 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtrak_core.evaluation.lds import (LdsBuildConfig, Targets, build_lds, build_progress, job_queue, load_outputs,
-                                       measure_losses, measure_timesteps, output_path, subset_train_config)
-from dtrak_core.evaluation.lds_scores import build_command
+from dtrak_core.evaluation.lds.build import build_lds, job_queue
+from dtrak_core.evaluation.lds.config import LdsBuildConfig
+from dtrak_core.evaluation.lds.measure import measure_losses, measure_new_targets, measure_timesteps
+from dtrak_core.evaluation.lds.outputs import build_progress, load_outputs, output_path
+from dtrak_core.evaluation.lds.report import build_command, write_report
+from dtrak_core.evaluation.lds.scores import GridEntry, compute_scores, evaluate, load_scores, ordering_checks
+from dtrak_core.evaluation.lds.targets import Targets
+from dtrak_core.evaluation.retrain import full_data_train_config, subset_train_config
 from dtrak_core.evaluation.subsets import SubsetPlan
 from tests.conftest import write_image_folder
 
@@ -34,9 +39,29 @@ def _config(model: Path, out: Path, **changes) -> LdsBuildConfig:
     return LdsBuildConfig(**base)
 
 
-def test_measure_timesteps_are_offset_uniform():
-    assert measure_timesteps(100)[:3] == [5, 15, 25] and measure_timesteps(100)[-1] == 995
-    assert measure_timesteps(4) == [125, 375, 625, 875]
+def test_measure_timesteps_are_offset_uniform_over_the_models_T():
+    assert measure_timesteps(100, 1000)[:3] == [5, 15, 25] and measure_timesteps(100, 1000)[-1] == 995
+    assert measure_timesteps(4, 1000) == [125, 375, 625, 875]
+    assert measure_timesteps(4, 200) == [25, 75, 125, 175]
+    assert measure_timesteps(200, 200) == list(range(200))
+    with pytest.raises(ValueError, match="measure timesteps 201 must be between 1 and T=200"):
+        measure_timesteps(201, 200)
+
+
+def test_the_measured_timesteps_are_bounded_by_the_models_own_T(tiny_setup, tmp_path):
+    """A model whose scheduler has T = 50: 60 timesteps are refused before anything is written."""
+    import shutil
+
+    model, _ = tiny_setup
+    copy = tmp_path / "model-T50"
+    shutil.copytree(model, copy)
+    scheduler_file = copy / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text())
+    assert scheduler_config["num_train_timesteps"] == 1000
+    scheduler_file.write_text(json.dumps({**scheduler_config, "num_train_timesteps": 50}))
+    with pytest.raises(ValueError, match="measure timesteps 60 must be between 1 and T=50"):
+        build_lds(_config(copy, tmp_path / "build", measure_timesteps=60), progress=False)
+    assert not (tmp_path / "build").exists()
 
 
 def test_subset_config_follows_the_recipe_with_the_same_epochs(tiny_setup):
@@ -51,6 +76,17 @@ def test_subset_config_follows_the_recipe_with_the_same_epochs(tiny_setup):
     # A recipe that itself trained on a subset: indices compose.
     nested = subset_train_config({**recipe["config"], "subset": [10, 11, 12, 13]}, [1, 3], 0, "x", "steps")
     assert nested.subset == [11, 13]
+
+
+def test_an_ensemble_model_is_the_recipe_with_another_seed(tiny_setup):
+    from dataclasses import asdict
+
+    model, _ = tiny_setup
+    base = json.loads((model / "recipe.json").read_text())["config"]
+    assert base["keep_checkpoints"] and base["steps"] == 8
+    config = full_data_train_config(base, 5, "x", checkpoint_every=3)
+    assert asdict(config) == {**base, "seed": 5, "out_dir": "x", "checkpoint_every": 3, "keep_checkpoints": False}
+    assert full_data_train_config(base, 5, "x").checkpoint_every == 8  # never beyond the last step
 
 
 def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tiny_setup, monkeypatch, tmp_path):
@@ -118,8 +154,6 @@ def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tin
     progress = build_progress(out)
     assert progress["report"]["models_done"] == 3 and progress["median_train_seconds"] is not None
 
-    from dtrak_core.evaluation.lds_scores import GridEntry, compute_scores, evaluate, load_scores, write_report
-
     grid = [GridEntry("dtrak-K2", "D-TRAK, K=2", "dtrak", 2), GridEntry("pixel", "raw pixel cosine", "pixel", None),
             GridEntry("random", "random", "random", None),
             GridEntry("tracin-K2", "TracIn, K=2", "tracin", 2, None, "checkpoints"),
@@ -164,8 +198,6 @@ def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tin
 
     # The paper's ordering: the default claims name the real grid, so here they are pending; a claim
     # on this grid's entries gives the paired difference of the two per-target LDS means.
-    from dtrak_core.evaluation.lds_scores import ordering_checks
-
     assert results["ordering"][0]["validation"] == {"verdict": "pending"}
     with np.load(out / "results" / "predictions.npz") as stored:
         arrays = {k: stored[k] for k in stored.files}
@@ -224,7 +256,6 @@ def test_a_model_locked_by_another_worker_is_left_to_it(tiny_setup, tmp_path):
 
 def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_loss(tmp_path, monkeypatch):
     """A model of artists b and c; the held-out images of artist d are added after the build."""
-    from dtrak_core.evaluation.lds import measure_new_targets
     from dtrak_core.training import TrainConfig, train
 
     # Four artists in turn; the held-out images (every 6th from the 6th) are b's and d's.
@@ -259,7 +290,10 @@ def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_los
         if name != "full.json":
             assert after["train_seconds"] == before["train_seconds"] and extension["train_seconds"] > 0
     # The new targets were measured with their own noise ids: as if measured with all the others.
-    timesteps = measure_timesteps(3)
+    from dtrak_core.models import load_pipeline
+
+    timesteps = measure_timesteps(3, load_pipeline(model)[1].config.num_train_timesteps)
+    assert json.loads((out / "lds.json").read_text())["measure_timesteps_list"] == timesteps
     everything = measure_losses(model, targets.images, timesteps, config.measure_seed)
     full = json.loads(output_path(out, "full").read_text())["losses"]
     np.testing.assert_allclose(full, everything, rtol=1e-6)
@@ -267,7 +301,6 @@ def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_los
     assert "--extra-validation artist=d" in build_command(json.loads((out / "lds.json").read_text()), out)
 
     # The report splits the validation LDS by group: same lambda and subsets, fewer targets.
-    from dtrak_core.evaluation.lds_scores import GridEntry, compute_scores, evaluate, load_scores, write_report
     from dtrak_core.evaluation.metrics import lds_summary
 
     grid = [GridEntry("pixel", "raw pixel cosine", "pixel", None)]

@@ -123,7 +123,7 @@ def test_ssim_matches_brute_force_and_orders_changes():
 
 
 def test_paired_difference_is_the_difference_of_the_means_with_a_ci_that_excludes_0_for_truth_vs_random():
-    from dtrak_core.evaluation.lds_scores import ordering_verdict
+    from dtrak_core.evaluation.lds.scores import ordering_verdict
     from dtrak_core.evaluation.metrics import paired_lds_difference
 
     truth, masks, losses = _linear_datamodel()

@@ -1,0 +1,204 @@
+"""Stage 3 of an LDS build: the work queue of retrains and :func:`build_lds`, which runs it.
+
+For every (subset, training seed) :func:`build_lds` retrains the full model's recipe on the
+subset (:func:`dtrak_core.evaluation.retrain.subset_train_config`, same-epochs rule), measures
+the targets (:mod:`.measure`), writes the output file (:mod:`.outputs`) and deletes the subset
+model's weights. Ensemble models (full data, other seeds) are kept.
+
+Killed at any point, running it again skips every model with an output file and resumes the
+interrupted training from its last checkpoint (``checkpoint_every`` steps). Several workers may
+share one build: each model is trained by whichever locks it first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from dtrak_core.attribution.pipeline import load_model, load_training_set
+from dtrak_core.evaluation.lds.config import (BUILD_FILE, RUNS_DIR, SCORES_DIR, TARGETS_DIR, LdsBuildConfig,
+                                              ensemble_model_dir, merged_build_record)
+from dtrak_core.evaluation.lds.measure import measure_new_targets, measure_timesteps
+from dtrak_core.evaluation.lds.outputs import output_is_complete, output_path, previous_output, with_timings
+from dtrak_core.evaluation.lds.targets import Targets, ensure_targets, stored_target_count
+from dtrak_core.evaluation.retrain import full_data_train_config, retrain, subset_train_config
+from dtrak_core.evaluation.subsets import SubsetPlan, make_plan
+from dtrak_core.io import hold_lock, try_lock, write_bytes_atomic, write_json_atomic
+from dtrak_core.models import RECIPE_FILE, pipeline_files_hash
+from dtrak_core.progress import progress_bar
+from dtrak_core.training import TrainConfig, read_recipe_config
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model of the build: a subset retrain or a full-data ensemble retrain."""
+
+    name: str                # "report-003-s1", "ensemble-s2"
+    subset: str | None       # subset name, None for an ensemble model
+    seed: int
+
+
+def job_queue(config: LdsBuildConfig, plan: SubsetPlan) -> list[ModelJob]:
+    """Models in the order they are trained.
+
+    Seed-major (all subsets with the first seed, then the next seed) so an interrupted build has
+    as many distinct subsets as possible. Within a seed, the first two tuning subsets alternate
+    with the first reported ones (two of each is the least that gives a tuned LDS), then tuning
+    and reported subsets are interleaved in proportion to their numbers. The ensemble models come
+    after the first seed pass.
+    """
+    tune, report = plan.by_role("tune"), plan.by_role("report")
+
+    def interleaved():
+        def tune_key(i: int) -> float:
+            # The first two at the reported subsets' pace, the rest spread over the pass.
+            return (i + 0.5) / max(len(report), 1) if i < 2 else (i + 0.5) / len(tune)
+
+        keyed = [(tune_key(i), 0, s) for i, s in enumerate(tune)]
+        keyed += [((i + 0.5) / len(report), 1, s) for i, s in enumerate(report)]
+        return [s for _, _, s in sorted(keyed, key=lambda x: (x[0], x[1]))]
+
+    jobs: list[ModelJob] = []
+    for position, seed in enumerate(config.seeds):
+        jobs += [ModelJob(f"{s.name}-s{seed}", s.name, seed) for s in interleaved()]
+        if position == 0:
+            jobs += [ModelJob(f"ensemble-s{e}", None, e) for e in config.ensemble_seeds]
+    return jobs
+
+
+def _run_dir(config: LdsBuildConfig, job: ModelJob) -> Path:
+    return ensemble_model_dir(config, job.seed) if job.subset is None else config.work / job.name
+
+
+def _lock_path(config: LdsBuildConfig, job: ModelJob) -> Path:
+    return config.work / f"{job.name}.lock"
+
+
+def _remove_finished_model(config: LdsBuildConfig, job: ModelJob) -> None:
+    """Delete a measured subset model's weights (a kill between measuring and deleting leaves them)
+    and its lock file. Called under the model's lock; a worker still waiting on the old file finds
+    the output complete and skips."""
+    run_dir = _run_dir(config, job)
+    if job.subset is not None and not config.keep_models and run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _lock_path(config, job).unlink(missing_ok=True)
+
+
+def _train_config(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict) -> TrainConfig:
+    """The job's ``TrainConfig``: the recipe on its subset (same-epochs rule), or on all data
+    with its seed for an ensemble model."""
+    run_dir = _run_dir(config, job)
+    if job.subset is None:
+        return full_data_train_config(recipe["config"], job.seed, run_dir, config.checkpoint_every)
+    return subset_train_config(recipe["config"], plan.get(job.subset).indices, job.seed, run_dir,
+                               config.steps_rule, config.checkpoint_every)
+
+
+def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict, targets: Targets,
+                       timesteps: Sequence[int], progress: bool, bar) -> None:
+    """Train one model of the queue (resuming its checkpoint), measure the targets, write its output file."""
+    train_config = _train_config(config, job, plan, recipe)
+    model = retrain(train_config, progress=progress)
+    started = time.time()
+    previous = previous_output(config.out_dir, job.name)
+    losses, extension = measure_new_targets(model.model_dir, model.files_hash, previous, targets, timesteps, config)
+    measure_seconds = time.time() - started
+    recipe_out = json.loads((model.model_dir / RECIPE_FILE).read_text())
+    record = {
+        "job": job.name, "subset": job.subset, "seed": job.seed, "steps": train_config.steps,
+        "num_train_images": recipe_out["num_train_images"], "model_hash": model.files_hash,
+        "final_loss_ema": recipe_out.get("final_loss_ema"), "losses": losses.tolist()}
+    # The trainer's own clock covers all sessions of a resumed run; ours only this one.
+    timings = {"train_seconds": recipe_out.get("wall_seconds", round(model.seconds, 1)),
+               "measure_seconds": round(measure_seconds, 2)}
+    write_json_atomic(output_path(config.out_dir, job.name), with_timings(record, previous, extension, timings))
+    _remove_finished_model(config, job)
+    bar.update(1)
+    bar.write(f"{job.name}: trained {train_config.steps} steps in {recipe_out.get('wall_seconds')} s, "
+              f"measured in {measure_seconds:.1f} s, mean target loss {losses.mean():.4f}")
+
+
+def _measure_full_model(config: LdsBuildConfig, full_hash: str, seed: int, targets: Targets,
+                        timesteps: Sequence[int]) -> None:
+    """The full model's outputs (``outputs/full.json``), extended like any model's when targets grow."""
+    started = time.time()
+    previous = previous_output(config.out_dir, "full")
+    losses, extension = measure_new_targets(Path(config.model_dir), full_hash, previous, targets, timesteps, config)
+    record = {"job": "full", "subset": None, "seed": seed, "model_hash": full_hash, "losses": losses.tolist()}
+    write_json_atomic(output_path(config.out_dir, "full"),
+                      with_timings(record, previous, extension, {"measure_seconds": round(time.time() - started, 2)}))
+
+
+def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | None = None) -> dict:
+    """Run (or resume) an LDS build; returns {"done": models finished, "total": models planned}.
+
+    ``max_models`` stops after training that many models in this call (for tests and for
+    measuring one retrain); run again to continue.
+    """
+    full_model = load_model(config.model_dir)  # a clear error for a folder that is not a pipeline
+    # The model's own T (its scheduler's num_train_timesteps) bounds the measured timesteps.
+    num_train_timesteps = full_model.task.num_train_timesteps
+    config.validate(num_train_timesteps)
+    timesteps = measure_timesteps(config.measure_timesteps, num_train_timesteps)
+    recipe = read_recipe_config(config.model_dir)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gitignore = out / ".gitignore"
+    if not gitignore.exists():
+        # Models and score matrices are big and re-computable; outputs and subsets are the record.
+        write_bytes_atomic(gitignore, f"{RUNS_DIR}/\n{SCORES_DIR}/\n".encode())
+    full_hash = pipeline_files_hash(config.model_dir)
+    # One worker at a time reads, grows and writes the build file and the targets.
+    with hold_lock(config.work / "build.lock"):
+        record = merged_build_record(config, full_hash, recipe, timesteps)
+        config = replace(config, num_subsets=record["num_subsets"], num_tuning_subsets=record["num_tuning_subsets"],
+                         seeds=record["seeds"], ensemble_seeds=record["ensemble_seeds"],
+                         extra_validation=record["extra_validation"])
+        # Targets first: a filter that selects nothing must not enter the build file.
+        targets = ensure_targets(config, recipe, out / TARGETS_DIR, progress)
+        write_json_atomic(out / BUILD_FILE, record)
+
+    train_set = load_training_set(full_model, label_column=config.stratify_column)
+    labels = train_set.labels or ["all"] * len(train_set)
+    plan = make_plan(labels, config.num_subsets, config.num_tuning_subsets, config.alpha, config.subset_seed,
+                     config.stratify_column if train_set.labels else None)
+    plan.save(out)
+
+    if not output_is_complete(out, "full", len(targets)):
+        with hold_lock(config.work / "full.lock"):
+            if not output_is_complete(out, "full", len(targets)):
+                _measure_full_model(config, full_hash, recipe["config"]["seed"], targets, timesteps)
+
+    jobs = job_queue(config, plan)
+
+    def complete(job: ModelJob) -> bool:
+        return output_is_complete(out, job.name, len(targets))
+
+    bar = progress_bar(total=len(jobs), initial=sum(map(complete, jobs)), desc="lds models", unit="model",
+                       disable=not progress)
+    trained = 0
+    for job in jobs:
+        now = stored_target_count(out / TARGETS_DIR)
+        if now != len(targets):
+            # Another worker added targets: this one's view of "finished" is out of date.
+            raise RuntimeError(f"{out / TARGETS_DIR / 'targets.json'} now has {now} targets; this "
+                               f"worker started with {len(targets)}: run it again to go on with the new targets")
+        if max_models is not None and trained >= max_models and not complete(job):
+            break
+        # Several workers may share one build (one per core): each model is trained by whichever
+        # worker locks it first; the others move on to the next unfinished model. Finished models
+        # are tidied only under their lock, never while another worker is retraining them.
+        with try_lock(_lock_path(config, job)) as mine:
+            if not mine:
+                continue
+            if complete(job):
+                _remove_finished_model(config, job)
+                continue
+            _train_and_measure(config, job, plan, recipe, targets, timesteps, progress, bar)
+        trained += 1
+    bar.close()
+    return {"done": sum(map(complete, jobs)), "total": len(jobs)}

@@ -1,0 +1,28 @@
+"""What the markdown reports (``docs/benchmarks/lds.md``, ``counterfactual.md``) share.
+
+Each report may carry hand-written notes (why ours differs from the paper), kept in
+``notes.md`` beside the results they discuss, so they travel with the build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dtrak_core.io import atomic_path
+
+#: Hand-written discussion beside a build's results (``<build>/notes.md``), copied into its report.
+NOTES_FILE = "notes.md"
+
+
+def notes_section(results_dir: Path) -> list[str]:
+    """The report lines of ``<results_dir>/notes.md``: a blank line and its stripped text, or nothing."""
+    notes = Path(results_dir) / NOTES_FILE
+    return ["", notes.read_text().strip()] if notes.exists() else []
+
+
+def write_markdown(out_path: str | Path, lines: list[str]) -> Path:
+    """Write ``lines`` joined by newlines to ``out_path`` atomically (readers never see half a file)."""
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return out_path
