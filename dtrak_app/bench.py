@@ -35,7 +35,8 @@ from streamlit.testing.v1 import AppTest
 
 from dtrak_app import common
 from dtrak_core.attribution.methods import METHODS
-from dtrak_core.attribution.pipeline import feature_status, load_model, load_training_set
+from dtrak_core.attribution.dataset_features import feature_status
+from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.training import read_recipe
 from dtrak_core.bench import machine_info
 from dtrak_core.io import atomic_path, write_json_atomic

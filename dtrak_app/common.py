@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from dtrak_core import jobs, paths, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import (APP_METHODS, METHODS, Method,
                                             MethodCache, score_targets)
-from dtrak_core.attribution.pipeline import LoadedModel, feature_status, load_model, load_training_set
+from dtrak_core.attribution.dataset_features import feature_status
+from dtrak_core.attribution.loading import LoadedModel, load_model, load_training_set
 from dtrak_core.conventions import DEFAULT_LAMBDA
 from dtrak_core.datasets import DatasetError, ImageFolderDataset
 from dtrak_core.generation import SamplerConfig, generate_to_folder
@@ -92,14 +92,14 @@ def sync_url(**extra: object) -> None:
 # ----------------------------------------------------------------------------- resources
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=4)
-def _cached_model(model_dir: str, content_hash: str) -> LoadedModel:
+def _cached_model(model_dir: str, files_hash: str) -> LoadedModel:
     return load_model(model_dir)
 
 
 @st.cache_resource(show_spinner="Loading the training images...", max_entries=4)
-def _cached_training_set(model_dir: str, content_hash: str, data_dir: str | None) -> ImageFolderDataset:
-    dataset = load_training_set(_cached_model(model_dir, content_hash), data_dir)
-    _ = dataset.content_hash  # hash once here, not on every rerun
+def _cached_training_set(model_dir: str, files_hash: str, data_dir: str | None) -> ImageFolderDataset:
+    dataset = load_training_set(_cached_model(model_dir, files_hash), data_dir)
+    _ = dataset.pixels_and_metadata_hash  # hash once here, not on every rerun
     return dataset
 
 
@@ -115,7 +115,7 @@ class Context:
     entry: registry.ModelEntry
     model: LoadedModel
     train: ImageFolderDataset
-    content_hash: str
+    files_hash: str
 
     @property
     def size(self) -> int:
@@ -160,7 +160,7 @@ def model_context() -> Context | None:
     st.sidebar.selectbox("Model", names, key="model")
     entry = entries[names.index(st.session_state["model"])]
     try:
-        content_hash = pipeline_files_hash(entry.model_dir)
+        files_hash = pipeline_files_hash(entry.model_dir)
     except FileNotFoundError:
         try:
             load_model(entry.model_dir)  # says precisely what is wrong (no folder, not a pipeline, type)
@@ -171,14 +171,14 @@ def model_context() -> Context | None:
                  "(unet/diffusion_pytorch_model.safetensors); expected a saved DDPMPipeline.")
         return None
     try:
-        model = _cached_model(entry.model_dir, content_hash)
-        train = _cached_training_set(entry.model_dir, content_hash, entry.data_dir)
+        model = _cached_model(entry.model_dir, files_hash)
+        train = _cached_training_set(entry.model_dir, files_hash, entry.data_dir)
     except (ModelError, DatasetError, ValueError) as error:
         st.error(f"Model {entry.name}: {error}")
         return None
     st.sidebar.caption(f"{len(train)} training images, {train.image_size}x{train.image_size} px; "
-                       f"weights {content_hash[:10]}")
-    return Context(entry, model, train, content_hash)
+                       f"weights {files_hash[:10]}")
+    return Context(entry, model, train, files_hash)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -198,9 +198,9 @@ class Target:
 
 
 @st.cache_data(show_spinner="Sampling (DDIM, 50 steps)...", max_entries=64)
-def samples(model_dir: str, content_hash: str, seeds: tuple[int, ...]) -> list[np.ndarray]:
+def samples(model_dir: str, files_hash: str, seeds: tuple[int, ...]) -> list[np.ndarray]:
     """Generated images of ``seeds`` (uint8 (H, W, 3) each), kept on disk under the cache."""
-    folder = cache_root() / "samples" / content_hash[:16] / SAMPLER.tag
+    folder = cache_root() / "samples" / files_hash[:16] / SAMPLER.tag
     generate_to_folder(model_dir, seeds, SAMPLER, folder, progress=False)
     return [np.asarray(Image.open(folder / f"{s}.png").convert("RGB")) for s in seeds]
 
@@ -241,7 +241,7 @@ def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
     if kind == "seed":
         st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
     else:
-        images = samples(ctx.entry.model_dir, ctx.content_hash, GALLERY_SEEDS)
+        images = samples(ctx.entry.model_dir, ctx.files_hash, GALLERY_SEEDS)
         with st.expander("Generated samples (click a seed)", expanded=True):
             columns = st.columns(gallery_columns)
             for i, (seed, image) in enumerate(zip(GALLERY_SEEDS, images)):
@@ -250,7 +250,7 @@ def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
                     st.button(f"seed {seed}", key=f"pick_{seed}", on_click=_pick_seed, args=(seed,),
                               type="primary" if seed == st.session_state["seed"] else "secondary")
     seed = int(st.session_state["seed"])
-    image = samples(ctx.entry.model_dir, ctx.content_hash, (seed,))[0]
+    image = samples(ctx.entry.model_dir, ctx.files_hash, (seed,))[0]
     return Target(image, f"seed {seed}", seed, f"DDIM 50 steps, eta 0, seed {seed}")
 
 
@@ -288,7 +288,7 @@ def featurize_args(ctx: Context, settings: FeatureSettings) -> list[str]:
 def score_cache(ctx: Context, method: Method, settings: FeatureSettings | None, lam: float) -> ScoreCache:
     lam_used = lam if method.uses_lambda else float("nan")
     fields = settings.key_fields() if settings is not None and method.needs_features else None
-    return ScoreCache(cache_root() / "scores", score_context(ctx.model.weights_hash, ctx.train.content_hash,
+    return ScoreCache(cache_root() / "scores", score_context(ctx.model.state_dict_hash, ctx.train.pixels_and_metadata_hash,
                                                              method.name, fields, lam_used))
 
 

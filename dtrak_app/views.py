@@ -13,7 +13,7 @@ from dtrak_app import common as c
 from dtrak_app.card import CardEntry, render_card
 from dtrak_core import jobs
 from dtrak_core.attribution.methods import METHODS
-from dtrak_core.attribution.pipeline import feature_status
+from dtrak_core.attribution.dataset_features import feature_status
 from dtrak_core.attribution.results import artist_shares, top_proponents
 
 MEANING = (

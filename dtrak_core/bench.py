@@ -37,7 +37,7 @@ import torch
 
 from dtrak_core.attribution.feature_store import StaleFeaturesError
 from dtrak_core.attribution.featurizer import DEVICES, Featurizer, FeatureSettings, resolve_device
-from dtrak_core.attribution.pipeline import load_dataset_for, load_model
+from dtrak_core.attribution.loading import load_dataset_for, load_model
 from dtrak_core.attribution.projectors import PROJECTORS, make_projector
 from dtrak_core.attribution.scorers import KernelScorer
 from dtrak_core.datasets.imagefolder import DatasetError

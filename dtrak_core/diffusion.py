@@ -20,8 +20,6 @@ def generator(*parts: int | str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(experiment_seed(*parts))
 
 
-derived_seed = experiment_seed  # TRANSITIONAL
-
 
 @torch.no_grad()
 def diffusion_loss(

@@ -1,7 +1,7 @@
 """Background jobs: long work (featurization, ...) run as detached ``python -m dtrak_core`` processes.
 
 A job is one CLI invocation, e.g. ``["featurize", "--model", "models/x", "--training-set"]``.
-Its state lives in ``<root>/<key>/`` (root default ``CACHE_DIR / "jobs"``), where ``key`` is a
+Its state lives in ``<root>/<key>/`` (root default: the cache's ``jobs/``), where ``key`` is a
 content hash of the arguments, so asking twice for the same work finds the same job:
 
 - ``spec.json``: the arguments and a description;

@@ -90,16 +90,3 @@ def pipeline_files_hash(model_dir: str | Path) -> str:
 __all__ = ["RECIPE_FILE", "UNET_PRESETS", "UNetPreset", "ModelError", "make_scheduler", "count_parameters",
            "pipeline_files_hash", "load_task"]
 
-
-# TRANSITIONAL (removed once every caller uses tasks): old names.
-model_hash = pipeline_files_hash
-
-
-def load_pipeline(model_dir):  # TRANSITIONAL
-    task = load_task(model_dir)
-    return task.denoiser, task.scheduler
-
-
-def save_pipeline(unet, scheduler, model_dir) -> None:  # TRANSITIONAL
-    from dtrak_core.tasks import UnconditionalPixelTask
-    UnconditionalPixelTask(unet, scheduler).save(model_dir)

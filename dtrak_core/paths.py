@@ -36,8 +36,3 @@ def emoji3_16_dir() -> Path:
     """emoji3 rendered at 16 px, the data of the mini model."""
     return cache_dir() / "emoji3-16"
 
-
-# TRANSITIONAL: import-time values, until every caller uses the functions.
-CACHE_DIR = cache_dir()
-EMOJI3_DIR = emoji3_dir()
-EMOJI3_16_DIR = emoji3_16_dir()

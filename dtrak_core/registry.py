@@ -80,7 +80,7 @@ def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
 def register_model(name: str, model_dir: str | Path, data_dir: str | Path,
                    cache_root: str | Path | None = None) -> ModelEntry:
     """Check and save a registration; raises ModelError / DatasetError / ValueError with the reason."""
-    from dtrak_core.attribution.pipeline import load_model, load_training_set
+    from dtrak_core.attribution.loading import load_model, load_training_set
 
     if not _NAME.match(name or ""):
         raise ValueError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "

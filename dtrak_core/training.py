@@ -119,7 +119,7 @@ def _recipe(config: TrainConfig, data: ImageFolderDataset, model: UNet2DModel, s
             wall_seconds: float, losses: list[float]) -> dict:
     return {
         "config": asdict(config),
-        "data_hash": data.content_hash,
+        "data_hash": data.pixels_and_metadata_hash,
         "num_train_images": len(data),
         "train_files": data.metadata["file_name"].tolist(),
         "parameters": count_parameters(model),
@@ -286,7 +286,7 @@ def resolve_data_dir(recorded: str, model_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     path = Path(recorded)
     candidates = [path] if path.is_absolute() else [paths.REPO_ROOT / path, model_dir / path]
-    candidates.append(paths.CACHE_DIR / path.name)
+    candidates.append(paths.cache_dir() / path.name)
     for candidate in candidates:
         if candidate.is_dir():
             return candidate

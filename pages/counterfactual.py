@@ -124,19 +124,19 @@ baseline = CounterfactualConfig(ctx.entry.model_dir, seed, "random", k if not me
 label = REMOVALS.get(method, f"every image by {method[len('artist:'):]}")
 left, right = st.columns(2)
 with left:
-    record = stored_result(config, n, ctx.content_hash)
+    record = stored_result(config, n, ctx.files_hash)
     if record is not None:
         show_record(record, label)
     else:
         st.markdown(f"**{label}**")
-        st.image(c.pixel_image_url(c.samples(ctx.entry.model_dir, ctx.content_hash, (seed,))[0], 160),
+        st.image(c.pixel_image_url(c.samples(ctx.entry.model_dir, ctx.files_hash, (seed,))[0], 160),
                  caption=f"seed {seed} (before); no stored result for this removal yet")
         run_or_progress(config, label)
 with right:
     if method == "random":
         st.info("This is the random baseline itself; pick D-TRAK or TRAK to compare with it.")
     else:
-        base = stored_result(baseline, n, ctx.content_hash)
+        base = stored_result(baseline, n, ctx.files_hash)
         if base is not None:
             show_record(base, f"baseline: {base['k']} random images")
             if record is not None:
@@ -148,7 +148,7 @@ with right:
             st.caption("No stored baseline for this seed and k yet.")
             run_or_progress(baseline, f"{baseline.k} random images")
 
-records = [r for r in load_results(folder) if r.get("model_hash") == ctx.content_hash]
+records = [r for r in load_results(folder) if r.get("model_hash") == ctx.files_hash]
 st.subheader("All stored experiments of this model")
 if records:
     summary = pd.DataFrame(summarize(records)).drop(columns=["method"])

@@ -9,7 +9,7 @@ import streamlit as st
 from dtrak_app import common as c
 from dtrak_core import jobs
 from dtrak_core.attribution.methods import APP_METHODS, METHODS
-from dtrak_core.attribution.pipeline import feature_status
+from dtrak_core.attribution.dataset_features import feature_status
 
 st.title("Jobs")
 st.caption("Long work runs as separate processes: it keeps going when you reload or leave the page, "

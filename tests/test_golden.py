@@ -61,7 +61,7 @@ def _unet():
 def feature_digests() -> dict[str, str]:
     from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
     from dtrak_core.models import make_scheduler
-    from dtrak_core.tasks import Batch, UnconditionalPixelTask
+    from dtrak_core.tasks import UnconditionalPixelTask
 
     out = {}
     cases = [(f, "sjlt") for f in OUTPUT_FUNCTIONS] + [("square", p) for p in PROJECTORS if p != "sjlt"]
@@ -83,7 +83,7 @@ def feature_digests() -> dict[str, str]:
 
 
 def training_digests(tmp: Path) -> dict[str, str]:
-    from dtrak_core.attribution.feature_store import model_weights_hash
+    from dtrak_core.hashing import state_dict_hash
     from dtrak_core.datasets import load_image_folder
     from dtrak_core.diffusion import diffusion_loss
     from dtrak_core.generation import SamplerConfig, sample
@@ -101,7 +101,7 @@ def training_digests(tmp: Path) -> dict[str, str]:
     x0 = load_image_folder(data, split="train").to_tensor()
     losses = diffusion_loss(task, task.prepare(Batch(x0, list(range(len(x0))))), [0, 499, 999], seed=3)
     images = sample(task, [0, 1], SamplerConfig(steps=4))
-    return {"train/ema_weights": model_weights_hash(task.denoiser)[:24],
+    return {"train/ema_weights": state_dict_hash(task.denoiser)[:24],
             "diffusion_loss": _digest(losses.numpy()),
             "sample/ddim4": _digest(images.numpy())}
 

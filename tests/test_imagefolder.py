@@ -82,9 +82,9 @@ def test_empty_or_missing_folder(tmp_path):
 
 
 def test_content_hash_changes_with_pixels(image_folder):
-    before = load_image_folder(image_folder).content_hash
-    assert load_image_folder(image_folder).content_hash == before
+    before = load_image_folder(image_folder).pixels_and_metadata_hash
+    assert load_image_folder(image_folder).pixels_and_metadata_hash == before
     image = np.asarray(Image.open(image_folder / "a/000.png")).copy()
     image[0, 0, 0] ^= 1
     Image.fromarray(image).save(image_folder / "a/000.png")
-    assert load_image_folder(image_folder).content_hash != before
+    assert load_image_folder(image_folder).pixels_and_metadata_hash != before

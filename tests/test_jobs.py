@@ -32,9 +32,10 @@ def finished(root: Path, key: str):
 
 def featurize_args(tmp_path: Path) -> list[str]:
     from tests.attribution.conftest import synthetic_images, write_image_folder
-    from dtrak_core.models import UNET_PRESETS, make_scheduler, save_pipeline
+    from dtrak_core.models import UNET_PRESETS, make_scheduler
+    from dtrak_core.tasks import UnconditionalPixelTask
 
-    save_pipeline(UNET_PRESETS["tiny"].build(image_size=16), make_scheduler(), tmp_path / "model")
+    UnconditionalPixelTask(UNET_PRESETS["tiny"].build(image_size=16), make_scheduler()).save(tmp_path / "model")
     data = write_image_folder(tmp_path / "data", synthetic_images(3))
     return ["featurize", "--model", str(tmp_path / "model"), "--data", str(data), "-K", "1", "-k", "32",
             "--device", "cpu", "--cache-dir", str(tmp_path / "features")]

@@ -12,7 +12,8 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.gradients import flatten_gradients, make_vmap_friendly, select_parameters
 from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS
-from dtrak_core.attribution.pipeline import featurize_folder, load_model
+from dtrak_core.attribution.dataset_features import featurize_folder
+from dtrak_core.attribution.loading import load_model
 from dtrak_core.attribution.timesteps import batch_noise
 from dtrak_core.datasets import load_image_folder
 from dtrak_core.models import UNET_PRESETS, ModelError

@@ -67,7 +67,7 @@ def test_recipe_records_data_subset_and_hash(image_folder, tmp_path):
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["config"]["subset"] == [0, 2, 4]
     assert recipe["train_files"] == ["a/000.png", "a/002.png", "a/004.png"]
-    expected = load_image_folder(image_folder, split="train").subset([0, 2, 4]).content_hash
+    expected = load_image_folder(image_folder, split="train").subset([0, 2, 4]).pixels_and_metadata_hash
     assert recipe["data_hash"] == expected
 
 

@@ -7,8 +7,8 @@ One small module per stage: ``output_functions`` (what f to differentiate), ``ti
 (folder-level entry points) and ``cli`` (featurize / score subcommands).
 """
 
-from dtrak_core.attribution.feature_store import (FeatureSet, StaleFeaturesError, compute_features,
-                                                  load_features, model_weights_hash)
+from dtrak_core.attribution.feature_store import FeatureSet, StaleFeaturesError, compute_features, load_features
+from dtrak_core.hashing import state_dict_hash
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, NoiseSchedule
 from dtrak_core.attribution.projectors import DenseProjector, SparseProjector, make_projector
@@ -16,4 +16,4 @@ from dtrak_core.attribution.scorers import KernelScorer
 
 __all__ = ["FeatureSet", "FeatureSettings", "Featurizer", "KernelScorer", "NoiseSchedule",
            "OUTPUT_FUNCTIONS", "DenseProjector", "SparseProjector", "StaleFeaturesError",
-           "compute_features", "load_features", "make_projector", "model_weights_hash"]
+           "compute_features", "load_features", "make_projector", "state_dict_hash"]

@@ -9,16 +9,25 @@ stderr (exit code 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from dtrak_core.attribution.featurizer import DEVICES, DTYPES, FeatureSettings
-from dtrak_core.attribution.methods import METHODS
+from dtrak_core.attribution import dataset_features, loading, scorers
+from dtrak_core.attribution.feature_computers import DTYPES, FEATURE_COMPUTERS
+from dtrak_core.attribution.feature_store import StaleFeaturesError
+from dtrak_core.attribution.featurizer import DEVICES, FeatureSettings
+from dtrak_core.attribution.methods import METHODS, get_method, score_targets
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
 from dtrak_core.attribution.projectors import PROJECTORS
+from dtrak_core.attribution.results import scores_to_long_table
+from dtrak_core.cli_options import add_field_option
 from dtrak_core.conventions import DEFAULT_LAMBDA
+from dtrak_core.datasets.imagefolder import DatasetError
+from dtrak_core.io import atomic_path
+from dtrak_core.models import ModelError
 
 SCORERS = tuple(METHODS) + ("pixel-cosine",)  # "pixel-cosine": the old name of "pixel"
 
@@ -34,40 +43,41 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _feature_option_kwargs(name: str) -> dict:
+    """What a FeatureSettings field needs beyond its default and help: its type or choices."""
+    choices = {"output_fn": OUTPUT_FUNCTIONS.names, "projector": PROJECTORS.names,
+               "computer": FEATURE_COMPUTERS.names, "device": lambda: list(DEVICES), "dtype": lambda: list(DTYPES)}
+    if name in choices:
+        return {"choices": choices[name]()}
+    if name == "timesteps":
+        return {"type": _int_list}
+    field_type = {f.name: f.type for f in dataclasses.fields(FeatureSettings)}[name]
+    return {"type": int} if field_type == "int" else {}
+
+
 def _add_feature_options(parser: argparse.ArgumentParser, output_fn: str | None = DEFAULT_OUTPUT_FUNCTION) -> None:
+    """One option per FeatureSettings field, with the field's flags, default and help.
+
+    ``output_fn=None``: the option defaults to None, meaning "the scoring method's own".
+    """
     group = parser.add_argument_group("features")
-    group.add_argument("--output-fn", default=output_fn, choices=sorted(OUTPUT_FUNCTIONS),
-                       help="output function f (square = D-TRAK, loss = TRAK; default: "
-                       f"{output_fn or 'the scorer method' + chr(39) + 's own'})")
-    group.add_argument("-K", "--num-timesteps", type=int, default=10,
-                       help="K uniform timesteps of T (default %(default)s; 100 is markedly better)")
-    group.add_argument("--timesteps", type=_int_list, default=None,
-                       help="explicit comma-separated timesteps instead of K uniform ones")
-    group.add_argument("--projector", default="sjlt", choices=PROJECTORS.names(),
-                       help="random projection (default %(default)s: sparse JL, fast)")
-    group.add_argument("-k", "--projection-dim", type=int, default=2048, help="k (default %(default)s)")
-    group.add_argument("--sparsity", type=int, default=4, help="buckets per coordinate for sjlt")
-    group.add_argument("--seed", type=int, default=0, help="seed of noise and projection")
-    group.add_argument("--params", default="all",
-                       help="parameters to differentiate: all, lora, re:<regex> or a name substring")
-    group.add_argument("--batch-size", type=int, default=16)
-    group.add_argument("--timestep-chunk", type=int, default=10,
-                       help="timesteps per sample evaluated together (memory ~ batch * chunk)")
-    group.add_argument("--device", default="auto", choices=DEVICES)
-    group.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    for spec in dataclasses.fields(FeatureSettings):
+        kwargs = _feature_option_kwargs(spec.name)
+        if spec.name == "output_fn" and output_fn is None:
+            kwargs.update(default=None, help=spec.metadata["help"] + " (default: the scoring method's own)")
+        add_field_option(group, FeatureSettings, spec.name, *spec.metadata["flags"], **kwargs)
     group.add_argument("--cache-dir", type=Path, default=None,
                        help="feature store root (default: the cache's features/)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def settings_from_args(args: argparse.Namespace) -> FeatureSettings:
+    """FeatureSettings from the options ``_add_feature_options`` made (each named as its field)."""
+    values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(FeatureSettings)}
+    values["output_fn"] = values["output_fn"] or DEFAULT_OUTPUT_FUNCTION
+    values["timesteps"] = tuple(values["timesteps"]) if values["timesteps"] else None
     try:
-        return FeatureSettings(
-            output_fn=args.output_fn or DEFAULT_OUTPUT_FUNCTION, num_timesteps=args.num_timesteps,
-            timesteps=tuple(args.timesteps) if args.timesteps else None, projector=args.projector,
-            projection_dim=args.projection_dim, sparsity=args.sparsity, seed=args.seed,
-            params=args.params, batch_size=args.batch_size, timestep_chunk=args.timestep_chunk,
-            device=args.device, dtype=args.dtype)
+        return FeatureSettings(**values)
     except ValueError as error:
         raise CliError(str(error)) from None
 
@@ -77,7 +87,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("featurize", help="compute (or reuse cached) D-TRAK features of an image folder",
                               description="Compute D-TRAK/TRAK features of every image of a folder; "
                               "cached by model weights, data and settings, resumable.")
-    p.add_argument("--model", required=True, type=Path, help="DDPMPipeline folder")
+    p.add_argument("--model", required=True, type=Path, help="pipeline folder")
     p.add_argument("--data", default=None, type=Path,
                    help="image folder (metadata.csv optional); with --training-set, overrides the recipe's")
     p.add_argument("--split", default=None, help="keep only rows with this 'split' value")
@@ -90,7 +100,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               description="Score every training image for every target image and "
                               "write a tidy table (parquet and CSV).")
     s.add_argument("--model", required=True, type=Path, nargs="+",
-                   help="DDPMPipeline folder(s); several = ensemble (dtrak...) or checkpoints (tracin)")
+                   help="pipeline folder(s); several = ensemble (dtrak...) or checkpoints (tracin)")
     s.add_argument("--train", default=None, type=Path,
                    help="training image folder (with --training-set: overrides the recipe's data folder)")
     s.add_argument("--training-set", action="store_true",
@@ -111,10 +121,6 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(fn, args: argparse.Namespace) -> int:
-    from dtrak_core.attribution.feature_store import StaleFeaturesError
-    from dtrak_core.datasets.imagefolder import DatasetError
-    from dtrak_core.models import ModelError
-
     try:
         return fn(args)
     except (CliError, ModelError, DatasetError, StaleFeaturesError, ValueError) as error:
@@ -131,27 +137,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _featurize(args: argparse.Namespace) -> int:
-    from dtrak_core.attribution import pipeline
-
     settings = settings_from_args(args)
-    model = pipeline.load_model(args.model)
+    model = loading.load_model(args.model)
     if args.training_set:
-        dataset = pipeline.load_training_set(model, args.data)
+        dataset = loading.load_training_set(model, args.data)
     elif args.data is None:
         raise CliError("give --data FOLDER or --training-set (the model's own training images)")
     else:
-        dataset = pipeline.load_dataset_for(model, args.data, args.split)
-    features = pipeline.featurize(model, dataset, settings, args.cache_dir, not args.no_progress)
+        dataset = loading.load_dataset_for(model, args.data, args.split)
+    features = dataset_features.featurize(model, dataset, settings, args.cache_dir, not args.no_progress)
     print(f"{features.shape[0]} x {features.shape[1]} features in {features.path}")
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from dtrak_core.attribution import pipeline, scorers
-    from dtrak_core.attribution.methods import get_method, score_targets
-    from dtrak_core.attribution.results import scores_to_long_table
-    from dtrak_core.io import atomic_path
-
     # Cheap checks first: lambdas, top, settings, every model folder, both datasets, k <= p.
     method = get_method(args.scorer)
     for lam in args.lambdas:
@@ -159,14 +158,14 @@ def _score(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 1:
         raise CliError(f"--top {args.top} must be at least 1")
     settings = method.feature_settings(settings_from_args(args), args.output_fn)
-    models = [pipeline.load_model(m) for m in args.model]
+    models = [loading.load_model(m) for m in args.model]
     if args.training_set:
-        train = pipeline.load_training_set(models[0], args.train, args.label_column)
+        train = loading.load_training_set(models[0], args.train, args.label_column)
     elif args.train is None:
         raise CliError("give --train FOLDER or --training-set (the model's own training images)")
     else:
-        train = pipeline.load_dataset_for(models[0], args.train, args.train_split, args.label_column)
-    targets = pipeline.load_dataset_for(models[0], args.targets, args.target_split, None)
+        train = loading.load_dataset_for(models[0], args.train, args.train_split, args.label_column)
+    targets = loading.load_dataset_for(models[0], args.targets, args.target_split, None)
     target_names = targets.metadata["file_name"].astype(str).tolist()
     matrices = score_targets(method, models, train, targets.images, settings, args.lambdas,
                              args.cache_dir, not args.no_progress, seed=args.seed)

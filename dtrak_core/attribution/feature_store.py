@@ -19,7 +19,6 @@ One writer per key at a time is assumed.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 
 import dtrak_core
-from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
-from dtrak_core.schedule import NoiseSchedule
-from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
 from dtrak_core import paths
+from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
+from dtrak_core.hashing import betas_hash, state_dict_hash
+from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
 from dtrak_core.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -43,34 +42,6 @@ FEATURES = "features.npy"
 
 class StaleFeaturesError(RuntimeError):
     """A feature folder belongs to other weights, data or settings than the ones asked for."""
-
-
-def model_weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over the state_dict: for each tensor in name order, its name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # Through uint8 so bf16 tensors (no NumPy dtype) hash too.
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def scheduler_hash(scheduler) -> str:
-    """sha256 of the scheduler's class and config (the noise schedule changes x_t)."""
-    config = {k: v for k, v in dict(getattr(scheduler, "config", {})).items() if not k.startswith("_")}
-    return sha256_json({"class": type(scheduler).__name__, "config": json.loads(json.dumps(config, default=str))})
-
-
-def tensor_hash(images: torch.Tensor) -> str:
-    """Content hash of an image tensor, for data that is not an ImageFolderDataset."""
-    t = images.detach().cpu().contiguous().float()
-    return hashlib.sha256(f"{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()
-
-
-def schedule_hash(schedule: NoiseSchedule) -> str:
-    """sha256 of the betas (float32 bytes): the noise schedule the features were computed with."""
-    return hashlib.sha256(schedule.betas.detach().cpu().float().numpy().tobytes()).hexdigest()
 
 
 def feature_identity(model_hash: str, sched_hash: str, dataset_hash: str,
@@ -177,7 +148,7 @@ def compute_features(
 
     Args:
         featurizer: built for the model and settings.
-        dataset_hash: content hash of the data (``ImageFolderDataset.content_hash``).
+        dataset_hash: content hash of the data (``ImageFolderDataset.pixels_and_metadata_hash``).
         sample_ids: noise ids per row (default 0..N-1).
         root: store root (default ``paths.features_dir()``).
         model_hash, sched_hash: precomputed hashes (computed from the featurizer's model otherwise).
@@ -190,9 +161,9 @@ def compute_features(
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for {n} images; expected one id per image")
     root = Path(root) if root is not None else paths.features_dir()
-    model_hash = model_hash or model_weights_hash(featurizer.model)
+    model_hash = model_hash or state_dict_hash(featurizer.model)
     identity = feature_identity(model_hash, sched_hash or "", dataset_hash, featurizer.settings, ids,
-                                schedule_hash(featurizer.schedule))
+                                betas_hash(featurizer.schedule))
     key = feature_key(identity)
     folder = root / key
     k = featurizer.feature_dim

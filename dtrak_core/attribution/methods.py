@@ -26,8 +26,8 @@ from dtrak_core.attribution import scorers
 from dtrak_core.attribution.feature_store import FeatureSet, compute_features
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS
-from dtrak_core.attribution.pipeline import (FeatureStatus, LoadedModel, check_dataset_fits, featurize,
-                                             feature_status)
+from dtrak_core.attribution.dataset_features import FeatureStatus, featurize, feature_status
+from dtrak_core.attribution.loading import LoadedModel, check_dataset_fits
 from dtrak_core.attribution.scorers import SCORERS, Scorer, ScoreInputs
 from dtrak_core.conventions import DEFAULT_LAMBDA, target_ids, uint8_to_model_range
 from dtrak_core.datasets.imagefolder import ImageFolderDataset
@@ -160,7 +160,7 @@ class MethodCache:
         self._lock = threading.Lock()
 
     def featurizer(self, model: LoadedModel, settings: FeatureSettings) -> Featurizer:
-        key = (model.weights_hash, model.scheduler_hash, id(model.unet), tuple(sorted(settings.to_dict().items())))
+        key = (model.state_dict_hash, model.scheduler_config_hash, id(model.unet), tuple(sorted(settings.to_dict().items())))
         with self._lock:
             if key not in self._featurizers:
                 self._featurizers[key] = Featurizer.create(model.task, settings)
@@ -243,7 +243,7 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
         train_sets.append(train_features(model, train, settings, root, progress, compute_missing, cache))
         featurizer = cache.featurizer(model, settings)
         g = compute_features(featurizer, target_tensor, target_hash, target_ids(len(targets)), root,
-                             model.weights_hash, model.scheduler_hash, progress, description="targets")
+                             model.state_dict_hash, model.scheduler_config_hash, progress, description="targets")
         target_features.append(np.asarray(g.features))
     inputs = ScoreInputs(targets, train.images, tuple(target_features), tuple(phi.features for phi in train_sets),
                          kernels=lambda index: cache.kernel(train_sets[index]), seed=seed)

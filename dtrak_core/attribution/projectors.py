@@ -30,7 +30,7 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 
-from dtrak_core.attribution.timesteps import derive_seed
+from dtrak_core.seeds import feature_seed
 from dtrak_core.plugins import Registry
 
 #: Rows of P drawn per generator (fixed: changing it would change P).
@@ -141,7 +141,7 @@ class SparseProjector(Projector):
         """Buckets (rows, s) int64 and signed weights (rows, s) float32 for one coordinate block, on CPU."""
         rows = min(SPARSE_BLOCK, self.input_dim - index * SPARSE_BLOCK)
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(derive_seed("sjlt", self.seed, self.output_dim, self.sparsity, index))
+        generator.manual_seed(feature_seed("sjlt", self.seed, self.output_dim, self.sparsity, index))
         uniform = torch.rand((rows, self.sparsity), generator=generator, dtype=torch.float64)
         buckets = (self._starts + torch.floor(uniform * self._widths)).long()
         signs = torch.randint(0, 2, (rows, self.sparsity), generator=generator).float() * 2 - 1
@@ -199,7 +199,7 @@ class DenseProjector(Projector):
         """Rows [index*BLOCK_ROWS, ...) of P, float32 CPU (rows, k), already scaled by 1/sqrt(k)."""
         rows = min(BLOCK_ROWS, self.input_dim - index * BLOCK_ROWS)
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(derive_seed("dense", self.kind, self.seed, self.output_dim, index))
+        generator.manual_seed(feature_seed("dense", self.kind, self.seed, self.output_dim, index))
         return self._draw(rows, generator).mul_(1.0 / math.sqrt(self.output_dim))
 
     def _device_matrix(self, device: torch.device) -> torch.Tensor:

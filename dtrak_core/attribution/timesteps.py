@@ -44,9 +44,6 @@ def resolve_timesteps(
     return steps
 
 
-derive_seed = feature_seed  # TRANSITIONAL
-
-
 def sample_noise(
     seed: int, sample_id: int, timesteps: Sequence[int], shape: Sequence[int]
 ) -> torch.Tensor:

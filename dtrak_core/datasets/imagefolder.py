@@ -47,7 +47,7 @@ class ImageFolderDataset:
     images: np.ndarray
     metadata: pd.DataFrame
     label_column: str | None = None
-    _content_hash: str | None = field(default=None, repr=False)
+    _pixels_and_metadata_hash: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -83,15 +83,15 @@ class ImageFolderDataset:
         return np.flatnonzero(mask.to_numpy()).tolist()
 
     @property
-    def content_hash(self) -> str:
+    def pixels_and_metadata_hash(self) -> str:
         """SHA-256 of the decoded pixels and the metadata (order matters: indices are ids)."""
-        if self._content_hash is None:
+        if self._pixels_and_metadata_hash is None:
             h = hashlib.sha256()
             h.update(f"{self.images.shape}".encode())
             h.update(np.ascontiguousarray(self.images).tobytes())
             h.update(self.metadata.to_csv(index=False).encode())
-            self._content_hash = h.hexdigest()
-        return self._content_hash
+            self._pixels_and_metadata_hash = h.hexdigest()
+        return self._pixels_and_metadata_hash
 
 
 def _read_metadata(root: Path) -> pd.DataFrame:

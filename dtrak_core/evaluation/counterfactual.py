@@ -35,7 +35,7 @@ from PIL import Image
 
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import get_method, score_targets
-from dtrak_core.attribution.pipeline import load_model, load_training_set
+from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.conventions import DEFAULT_LAMBDA, DEFAULT_NUM_TIMESTEPS, DEFAULT_PROJECTION_DIM
 from dtrak_core.evaluation.embeddings import ImageEmbedder
 from dtrak_core.evaluation.markdown import notes_section, write_markdown
@@ -46,6 +46,7 @@ from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
 from dtrak_core.models import pipeline_files_hash
 from dtrak_core import paths
 from dtrak_core.seeds import experiment_seed
+from dtrak_core.tasks import load_task
 from dtrak_core.training import read_recipe_config
 
 DEFAULT_FRACTION = 0.2

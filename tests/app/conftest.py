@@ -15,7 +15,7 @@ import torch
 
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import train_features
-from dtrak_core.attribution.pipeline import load_model, load_training_set
+from dtrak_core.attribution.loading import load_model, load_training_set
 from tests.conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]

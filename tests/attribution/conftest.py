@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dtrak_core.models import UNET_PRESETS, make_scheduler, save_pipeline
+from dtrak_core.models import UNET_PRESETS, make_scheduler
+from dtrak_core.tasks import UnconditionalPixelTask
 
 ARTISTS = ("alice", "bob")
 
@@ -62,5 +63,5 @@ def image_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def model_dir(tmp_path: Path, tiny_unet, scheduler) -> Path:
     path = tmp_path / "model"
-    save_pipeline(tiny_unet, scheduler, path)
+    UnconditionalPixelTask(tiny_unet, scheduler).save(path)
     return path

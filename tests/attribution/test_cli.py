@@ -10,7 +10,8 @@ import torch
 
 from tests.attribution.conftest import synthetic_images, write_image_folder
 from dtrak_core.cli import main
-from dtrak_core.models import UNET_PRESETS, make_scheduler, save_pipeline
+from dtrak_core.models import UNET_PRESETS, make_scheduler
+from dtrak_core.tasks import UnconditionalPixelTask
 
 FAST = ["-K", "2", "-k", "256", "--device", "cpu", "--no-progress"]
 
@@ -43,7 +44,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5  # it learned something
-    save_pipeline(unet.eval(), scheduler, root / "model")
+    UnconditionalPixelTask(unet.eval(), scheduler).save(root / "model")
     return root / "model", data
 
 
@@ -96,7 +97,7 @@ def test_featurize_then_cached_score(model_dir, image_folder, tmp_path, capsys):
 
 def test_ensemble_of_two_models_is_the_mean(model_dir, image_folder, tmp_path, capsys):
     other = tmp_path / "model2"
-    save_pipeline(UNET_PRESETS["tiny"].build(image_size=16, seed=1), make_scheduler(), other)
+    UnconditionalPixelTask(UNET_PRESETS["tiny"].build(image_size=16, seed=1), make_scheduler()).save(other)
     outs = {}
     for name, models in {"a": [model_dir], "b": [other], "ab": [model_dir, other]}.items():
         code, _, err = run_cli(capsys, "score", "--model", *models, "--train", image_folder, "--targets",

@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.attribution.feature_store import (MANIFEST, StaleFeaturesError, compute_features,
-                                                  feature_identity, feature_key, load_features,
-                                                  model_weights_hash, schedule_hash, scheduler_hash,
-                                                  tensor_hash)
+from dtrak_core.attribution.feature_store import MANIFEST, StaleFeaturesError, compute_features, feature_identity, feature_key, load_features
+from dtrak_core.hashing import betas_hash, float_tensor_hash, scheduler_config_hash, state_dict_hash
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.gradients import flatten_gradients
 from dtrak_core.tasks import UnconditionalPixelTask
@@ -74,18 +72,18 @@ def test_key_ignores_batch_size_and_device_but_not_values():
 
 
 def test_weights_hash_sees_one_changed_weight(tiny_unet):
-    before = model_weights_hash(tiny_unet)
-    assert model_weights_hash(tiny_unet) == before
+    before = state_dict_hash(tiny_unet)
+    assert state_dict_hash(tiny_unet) == before
     with torch.no_grad():
         tiny_unet.conv_out.bias[0] += 1e-6
-    assert model_weights_hash(tiny_unet) != before
+    assert state_dict_hash(tiny_unet) != before
 
 
 def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler, images, tmp_path):
     featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), SETTINGS)
     calls = []
-    first = compute_features(featurizer, images, tensor_hash(images), root=tmp_path,
-                             sched_hash=scheduler_hash(scheduler), progress=False,
+    first = compute_features(featurizer, images, float_tensor_hash(images), root=tmp_path,
+                             sched_hash=scheduler_config_hash(scheduler), progress=False,
                              on_batch=lambda done, n: calls.append(done))
     assert calls == [2, 4, 5]
     assert first.shape == (5, 256) and first.features.dtype == np.float32
@@ -93,8 +91,8 @@ def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler,
     assert manifest["status"] == "complete" and manifest["rows_done"] == 5 and manifest["batches_done"] == 3
     assert manifest["settings"]["output_fn"] == "square" and "torch" in manifest["versions"]
 
-    again = compute_features(featurizer, images, tensor_hash(images), root=tmp_path,
-                             sched_hash=scheduler_hash(scheduler), progress=False,
+    again = compute_features(featurizer, images, float_tensor_hash(images), root=tmp_path,
+                             sched_hash=scheduler_config_hash(scheduler), progress=False,
                              on_batch=lambda done, n: calls.append(done))
     assert calls == [2, 4, 5]  # nothing recomputed
     assert again.path == first.path
@@ -102,8 +100,8 @@ def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler,
 
     # One changed weight: another key, and the old folder refuses the new identity.
     def identity():
-        return feature_identity(model_weights_hash(tiny_unet), scheduler_hash(scheduler),
-                                tensor_hash(images), SETTINGS, range(5), schedule_hash(featurizer.schedule))
+        return feature_identity(state_dict_hash(tiny_unet), scheduler_config_hash(scheduler),
+                                float_tensor_hash(images), SETTINGS, range(5), betas_hash(featurizer.schedule))
 
     assert feature_key(identity()) == first.key
     with torch.no_grad():
@@ -112,15 +110,15 @@ def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler,
     assert feature_key(new_identity) != first.key
     with pytest.raises(StaleFeaturesError, match="different model_weights_sha256; refusing"):
         load_features(first.path, new_identity)
-    changed = compute_features(featurizer, images, tensor_hash(images), root=tmp_path,
-                               sched_hash=scheduler_hash(scheduler), progress=False)
+    changed = compute_features(featurizer, images, float_tensor_hash(images), root=tmp_path,
+                               sched_hash=scheduler_config_hash(scheduler), progress=False)
     assert changed.path != first.path
     assert not np.allclose(np.asarray(changed.features), np.asarray(first.features))
 
     # Changed data: another key too.
     other = images.clone()
     other[0, 0, 0, 0] = 0.5
-    assert tensor_hash(other) != tensor_hash(images)
+    assert float_tensor_hash(other) != float_tensor_hash(images)
 
 
 def test_folder_with_another_identity_is_refused(tiny_unet, scheduler, images, tmp_path):

@@ -9,7 +9,8 @@ from dtrak_core.attribution import scorers
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import (APP_METHODS, METHODS, FeaturesNotReady, Method, MethodCache,
                                             get_method, score_targets, train_features)
-from dtrak_core.attribution.pipeline import feature_status, load_dataset_for, load_model
+from dtrak_core.attribution.dataset_features import feature_status
+from dtrak_core.attribution.loading import load_dataset_for, load_model
 from dtrak_core.attribution.scorers import SCORERS, Scorer, ScoreInputs
 from dtrak_core.conventions import TARGET_ID_OFFSET
 

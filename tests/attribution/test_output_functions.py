@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.func import vmap
 
+from dtrak_core.tasks import UnconditionalPixelTask
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.output_functions import (OUTPUT_FUNCTIONS, NoiseSchedule,
                                                      get_output_function, square)
@@ -91,7 +92,7 @@ def test_a_function_registered_elsewhere_is_used_by_the_featurizer(monkeypatch, 
     out = {}
     for name in ("square", "test-negated-square"):
         settings = FeatureSettings(output_fn=name, num_timesteps=2, projection_dim=32, device="cpu")
-        out[name] = Featurizer.create(tiny_unet, scheduler, settings).featurize_batch(images, [0, 1])
+        out[name] = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), settings).featurize_batch(images, [0, 1])
     # The gradient of -f is -grad f, and projection is linear.
     assert np.abs(out["square"]).max() > 0
     np.testing.assert_allclose(out["test-negated-square"], -out["square"], rtol=1e-6, atol=1e-9)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dtrak_core.tasks import UnconditionalPixelTask
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.projectors import (BLOCK_ROWS, PROJECTOR_SETTINGS, PROJECTORS, GaussianProjector,
                                                IdentityProjector, Projector, RademacherProjector,
@@ -181,8 +182,8 @@ def test_a_projector_registered_elsewhere_is_used_by_the_featurizer(toy_register
                                device="cpu")
     # Neither k nor s is in the toy's key_settings, so the cache key drops both.
     assert settings.key_fields()["projection_dim"] is None and settings.key_fields()["sparsity"] is None
-    featurizer = Featurizer.create(tiny_unet, scheduler, settings)
-    assert isinstance(featurizer.projector, ToyProjector) and featurizer.feature_dim == 3
+    featurizer = Featurizer.create(UnconditionalPixelTask(tiny_unet, scheduler), settings)
+    assert isinstance(featurizer.computer.projector, ToyProjector) and featurizer.feature_dim == 3
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     features = featurizer.featurize_batch(images, [0, 1])
     grads = featurizer.gradients(images, [0, 1])

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from tests.attribution.conftest import synthetic_images, write_image_folder
-from dtrak_core.attribution.pipeline import load_model, load_training_set
+from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.datasets import DatasetError
 from dtrak_core.models import RECIPE_FILE
 

@@ -57,7 +57,7 @@ def _brute_pixel_cosine(target: np.ndarray, images: np.ndarray) -> np.ndarray:
 
 
 def test_counterfactual_retrains_on_exactly_the_kept_images(tiny_model_dir, tmp_path, monkeypatch):
-    from dtrak_core.attribution.pipeline import load_model, load_training_set
+    from dtrak_core.attribution.loading import load_model, load_training_set
 
     train = load_training_set(load_model(tiny_model_dir))
     config = CounterfactualConfig(str(tiny_model_dir), target_seed=5, method="pixel", k=3,
@@ -91,7 +91,7 @@ def test_artist_removal_trains_once_for_many_targets_and_reports(tiny_model_dir,
                                                        results_dir=str(results), models_dir=str(models)),
                                   progress=False)
                for seed in (0, 1) for method in ("artist:a", "random")]
-    from dtrak_core.attribution.pipeline import load_model, load_training_set
+    from dtrak_core.attribution.loading import load_model, load_training_set
 
     labels = load_training_set(load_model(tiny_model_dir)).labels
     artist = [r for r in records if r["method"] == "artist:a"]

@@ -175,7 +175,7 @@ def test_build_resumes_exactly_the_unfinished_models_then_scores_and_reports(tin
     assert not np.allclose(single, ensemble)
     from dtrak_core.attribution.featurizer import FeatureSettings
     from dtrak_core.attribution.methods import score_targets
-    from dtrak_core.attribution.pipeline import load_model, load_training_set
+    from dtrak_core.attribution.loading import load_model, load_training_set
 
     train_set = load_training_set(load_model(model))
     other = score_targets("dtrak", [load_model(out / "runs" / "ensemble-s1")], train_set, targets.images,
@@ -290,9 +290,9 @@ def test_extra_validation_targets_extend_a_finished_build_and_keep_every_old_los
         if name != "full.json":
             assert after["train_seconds"] == before["train_seconds"] and extension["train_seconds"] > 0
     # The new targets were measured with their own noise ids: as if measured with all the others.
-    from dtrak_core.models import load_pipeline
+    from dtrak_core.tasks import load_task
 
-    timesteps = measure_timesteps(3, load_pipeline(model)[1].config.num_train_timesteps)
+    timesteps = measure_timesteps(3, load_task(model).num_train_timesteps)
     assert json.loads((out / "lds.json").read_text())["measure_timesteps_list"] == timesteps
     everything = measure_losses(model, targets.images, timesteps, config.measure_seed)
     full = json.loads(output_path(out, "full").read_text())["losses"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from dtrak_core.attribution.pipeline import load_model, load_training_set
+from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.evaluation.lds.config import (BUILD_FILE, RUNS_DIR, SCORES_DIR, TARGETS_DIR, LdsBuildConfig,
                                               ensemble_model_dir, merged_build_record)
 from dtrak_core.evaluation.lds.measure import measure_new_targets, measure_timesteps

@@ -23,10 +23,10 @@ import numpy as np
 
 
 from dtrak_core.tasks import DiffusionTask
-from dtrak_core.attribution.feature_store import model_weights_hash, scheduler_hash
+from dtrak_core.hashing import scheduler_config_hash, state_dict_hash
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import get_method, score_targets
-from dtrak_core.attribution.pipeline import LoadedModel, load_model, load_training_set
+from dtrak_core.attribution.loading import LoadedModel, load_model, load_training_set
 from dtrak_core.conventions import DEFAULT_NUM_TIMESTEPS, DEFAULT_PROJECTION_DIM
 from dtrak_core.evaluation.lds.config import (RESULTS_DIR, SCORES_DIR, TARGET_KINDS, TARGETS_DIR, LdsBuildConfig,
                                               ensemble_model_dir, read_build)
@@ -153,8 +153,8 @@ def _checkpoint_models(model_dir: Path, task: DiffusionTask) -> list[LoadedModel
     for folder in folders:
         denoiser = type(task.denoiser).from_pretrained(folder, use_safetensors=True,
                                                        low_cpu_mem_usage=False).float().eval()
-        models.append(LoadedModel(folder, type(task)(denoiser, task.scheduler), model_weights_hash(denoiser),
-                                  scheduler_hash(task.scheduler)))
+        models.append(LoadedModel(folder, type(task)(denoiser, task.scheduler), state_dict_hash(denoiser),
+                                  scheduler_config_hash(task.scheduler)))
     return models
 
 
@@ -199,10 +199,10 @@ def compute_scores(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT
             settings = method.feature_settings(
                 FeatureSettings(num_timesteps=entry.num_timesteps or DEFAULT_NUM_TIMESTEPS,
                                 projection_dim=projection_dim, batch_size=batch_size), entry.output_fn)
-        identity = {"entry": asdict(entry), "models": [m.weights_hash for m in models],
+        identity = {"entry": asdict(entry), "models": [m.state_dict_hash for m in models],
                     "settings": settings.key_fields() if settings else None,
                     "lambdas": [float(x) for x in lambdas] if method.uses_lambda else None,
-                    "targets": int(len(targets.images)), "train": train.content_hash}
+                    "targets": int(len(targets.images)), "train": train.pixels_and_metadata_hash}
         path = build_dir / SCORES_DIR / f"{entry.name}.npz"
         meta_path = path.with_suffix(".json")
         if not force and path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == identity:

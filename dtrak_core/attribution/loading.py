@@ -1,0 +1,98 @@
+"""Loading a model folder and the data it attributes, checked before any gradient is computed.
+
+A model folder loads as its task (``dtrak_core.tasks``) with the hashes features are keyed by;
+a data folder must have the model's image size (no silent resizing); the training set is
+exactly the rows the model's ``recipe.json`` selected, in training order. Each check fails
+with one sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dtrak_core.datasets.imagefolder import DatasetError, ImageFolderDataset, load_image_folder
+from dtrak_core.hashing import scheduler_config_hash, state_dict_hash
+from dtrak_core.models import RECIPE_FILE
+from dtrak_core.tasks import DiffusionTask, load_task
+from dtrak_core.training import read_recipe, resolve_data_dir, select_training_rows
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline folder loaded as its task (``dtrak_core.tasks``), with the hashes of its
+    denoiser's tensors and of its scheduler's config (what features are keyed by)."""
+
+    path: Path
+    task: DiffusionTask
+    state_dict_hash: str
+    scheduler_config_hash: str
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.task.denoiser
+
+    @property
+    def scheduler(self):
+        return self.task.scheduler
+
+    @property
+    def sample_size(self) -> int:
+        """The side of the images the model takes (square images only)."""
+        return int(self.task.input_shape[-1])
+
+
+def load_model(model_dir: str | Path) -> LoadedModel:
+    """Load a pipeline folder as its task (``ModelError`` if no task loads it) and hash it."""
+    task = load_task(model_dir)
+    return LoadedModel(Path(model_dir), task, state_dict_hash(task.denoiser), scheduler_config_hash(task.scheduler))
+
+
+def load_dataset_for(model: LoadedModel, data_dir: str | Path, split: str | None = None,
+                     label_column: str | None = "artist") -> ImageFolderDataset:
+    """Load an image folder whose images must have the model's sample size (no silent resizing)."""
+    dataset = load_image_folder(data_dir, image_size=None, label_column=label_column, split=split)
+    check_dataset_fits(dataset, model)
+    return dataset
+
+
+def check_dataset_fits(dataset: ImageFolderDataset, model: LoadedModel) -> None:
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {dataset.root} is empty; expected at least one image")
+    if dataset.image_size != model.sample_size:
+        raise DatasetError(f"images in {dataset.root} are {dataset.image_size}x{dataset.image_size} but "
+                           f"the model in {model.path} expects {model.sample_size}x{model.sample_size}")
+
+
+def load_training_set(model: LoadedModel, data_dir: str | Path | None = None,
+                      label_column: str | None = "artist") -> ImageFolderDataset:
+    """Exactly the images the model was trained on, in training order (row i = sample id i).
+
+    With a ``recipe.json`` in the model folder, its config selects the rows (split, then
+    ``filter_column``/``filter_values``, then ``subset``) of ``data_dir`` (default: the recipe's
+    data folder), and the selected file names must equal the recipe's ``train_files``, so
+    attribution never scores a different set than the one trained on. Without a recipe the whole
+    of ``data_dir`` is the training set. Images must already have the model's size.
+    """
+    recipe = read_recipe(model.path)
+    if recipe is None:
+        if data_dir is None:
+            raise DatasetError(f"{model.path} has no {RECIPE_FILE}; give the folder of its training images")
+        return load_dataset_for(model, data_dir, None, label_column)
+    config = recipe["config"]
+    folder = Path(data_dir) if data_dir is not None else resolve_data_dir(str(config.get("data_dir")), model.path)
+    dataset = select_training_rows(load_dataset_for(model, folder, config.get("split"), label_column), config)
+    expected = recipe.get("train_files")
+    if expected is not None:
+        found = dataset.metadata["file_name"].astype(str).tolist()
+        if len(found) != len(expected):
+            raise DatasetError(f"{folder} gives {len(found)} training images for the model in {model.path}, "
+                               f"but its {RECIPE_FILE} lists {len(expected)}; is this the data it was trained on?")
+        if found != [str(f) for f in expected]:
+            first = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
+            raise DatasetError(f"training image {first} of {folder} is {found[first]!r} but the model's "
+                               f"{RECIPE_FILE} lists {expected[first]!r}; is this the data it was trained on?")
+    check_dataset_fits(dataset, model)
+    return dataset
