@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,12 +15,15 @@ from PIL import Image
 
 from dtrak_core import bench, paths
 from dtrak_core.attribution import cli as attribution_cli
+from dtrak_core.cli_options import add_field_option
 from dtrak_core.datasets import load_image_folder
 from dtrak_core.datasets.emoji3 import build_emoji3
 from dtrak_core.evaluation import cli as evaluation_cli
 from dtrak_core.generation import SamplerConfig, generate_to_folder, image_grid
 from dtrak_core.seeds import parse_seeds
+from dtrak_core.models import UNET_PRESETS
 from dtrak_core.tasks import load_task
+from dtrak_core.tasks.prediction import PREDICTION_TYPES
 from dtrak_core.training import TrainConfig, held_out_loss, train, untrained_copy
 
 
@@ -28,19 +32,29 @@ def cmd_build_data(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _train_option_kwargs(spec: dataclasses.Field) -> dict:
+    """What a TrainConfig field's option needs beyond its default and help."""
+    special = {"data_dir": {"default": None}, "out_dir": {"required": True, "default": None},
+               "filter_values": {"nargs": "*"}, "keep_checkpoints": {"action": "store_true"},
+               "preset": {"choices": sorted(UNET_PRESETS)}, "prediction_type": {"choices": PREDICTION_TYPES.names()}}
+    if spec.name in special:
+        return special[spec.name]
+    return {"type": {"int": int, "float": float}[spec.type]} if spec.type in ("int", "float") else {}
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    subset = None
-    if args.subset:
-        subset = [int(x) for x in Path(args.subset).read_text().split()]
-    config = TrainConfig(
-        data_dir=str(args.data or paths.emoji3_dir()), out_dir=args.out, preset=args.preset, image_size=args.image_size,
-        split=None if args.split == "all" else args.split, filter_column=args.filter_column,
-        filter_values=args.filter_values or [], subset=subset, steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-    )
-    print(f"wrote {train(config)}")
+    values = {spec.name: getattr(args, _dest(spec)) for spec in dataclasses.fields(TrainConfig)}
+    values["data_dir"] = str(values["data_dir"] or paths.emoji3_dir())
+    values["split"] = None if values["split"] == "all" else values["split"]
+    values["filter_values"] = values["filter_values"] or []
+    if values["subset"]:
+        values["subset"] = [int(x) for x in Path(values["subset"]).read_text().split()]
+    print(f"wrote {train(TrainConfig(**values))}")
+
+
+def _dest(spec: dataclasses.Field) -> str:
+    """argparse's dest of a field's option: its first long flag, dashes made underscores."""
+    return next(f for f in spec.metadata["flags"] if f.startswith("--"))[2:].replace("-", "_")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -76,22 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build_data)
 
     p = sub.add_parser("train", help="train (or resume) a DDPM on an image folder")
-    p.add_argument("--data", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--split", default="train", help="metadata split to train on, or 'all'")
-    p.add_argument("--filter-column", default=None)
-    p.add_argument("--filter-values", nargs="*")
-    p.add_argument("--subset", default=None, help="file of whitespace-separated indices")
-    p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=500)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--keep-checkpoints", action="store_true")
+    for spec in dataclasses.fields(TrainConfig):
+        add_field_option(p, TrainConfig, spec.name, *spec.metadata["flags"], **_train_option_kwargs(spec))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample images with fixed seeds")

@@ -49,24 +49,31 @@ class TrainConfig:
     ``filter_values``; None keeps all of it.
     """
 
-    data_dir: str
-    out_dir: str
-    preset: str = "demo"
-    image_size: int = 32
-    split: str | None = "train"
-    filter_column: str | None = None
-    filter_values: list[str] = field(default_factory=list)
-    subset: list[int] | None = None
-    steps: int = 10_000
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 500
-    weight_decay: float = 1e-6
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: bool = False
-    prediction_type: str = "epsilon"
+    # metadata: the command line's flags and help (``cli_options`` builds the options from them).
+    data_dir: str = field(metadata={"flags": ("--data",), "help": "image folder (default: the cache's emoji3/)"})
+    out_dir: str = field(metadata={"flags": ("--out",), "help": "pipeline folder to write (or resume)"})
+    preset: str = field(default="demo", metadata={"flags": ("--preset",), "help": "UNet preset"})
+    image_size: int = field(default=32, metadata={"flags": ("--image-size",), "help": "image side in pixels"})
+    split: str | None = field(default="train", metadata={
+        "flags": ("--split",), "help": "metadata split to train on, or 'all'"})
+    filter_column: str | None = field(default=None, metadata={
+        "flags": ("--filter-column",), "help": "keep rows whose COLUMN is one of --filter-values"})
+    filter_values: list[str] = field(default_factory=list, metadata={"flags": ("--filter-values",), "help": ""})
+    subset: list[int] | None = field(default=None, metadata={
+        "flags": ("--subset",), "help": "file of whitespace-separated indices into the selection"})
+    steps: int = field(default=10_000, metadata={"flags": ("--steps",), "help": "optimiser steps"})
+    batch_size: int = field(default=32, metadata={"flags": ("--batch-size",), "help": "images per step"})
+    learning_rate: float = field(default=1e-3, metadata={"flags": ("--lr",), "help": "peak learning rate"})
+    warmup_steps: int = field(default=500, metadata={"flags": ("--warmup-steps",), "help": "linear warm-up steps"})
+    weight_decay: float = field(default=1e-6, metadata={"flags": ("--weight-decay",), "help": "AdamW weight decay"})
+    ema_decay: float = field(default=0.999, metadata={"flags": ("--ema-decay",), "help": "EMA decay of the weights"})
+    seed: int = field(default=0, metadata={"flags": ("--seed",), "help": "seeds initialisation, batches and noise"})
+    checkpoint_every: int = field(default=500, metadata={
+        "flags": ("--checkpoint-every",), "help": "steps between resumable checkpoints"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "flags": ("--keep-checkpoints",), "help": "keep the raw weights of every checkpoint (for TracIn)"})
+    prediction_type: str = field(default="epsilon", metadata={
+        "flags": ("--prediction-type",), "help": "what the UNet predicts: epsilon, v_prediction or sample"})
 
     def validate(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
