@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dtrak_core import paths
+from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.io import write_json_atomic
 
 REGISTRY_FILE = "registry.json"
@@ -62,15 +63,13 @@ def _read(path: Path) -> list[ModelEntry]:
 def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
     """Environment entry first (if set), then the embedded demo and mini models (if present and
     not hidden by DTRAK_HIDE_DEMO), then registrations."""
-    from dtrak_core.paths import DEMO_MODEL_DIR, MINI_MODEL_DIR
-
     entries = []
     if os.environ.get("DTRAK_MODEL_DIR"):
         entries.append(ModelEntry(os.environ.get("DTRAK_MODEL_NAME", "custom"), os.environ["DTRAK_MODEL_DIR"],
                                   os.environ.get("DTRAK_DATA_DIR") or None, "environment"))
     if not os.environ.get("DTRAK_HIDE_DEMO"):
         entries += [ModelEntry(name, str(folder), None, "embedded")
-                    for name, folder in ((DEMO_NAME, DEMO_MODEL_DIR), (MINI_NAME, MINI_MODEL_DIR))
+                    for name, folder in ((DEMO_NAME, paths.DEMO_MODEL_DIR), (MINI_NAME, paths.MINI_MODEL_DIR))
                     if (folder / "model_index.json").exists()]
     taken = {e.name for e in entries}
     entries.extend(e for e in _read(registry_path(cache_root)) if e.name not in taken)
@@ -80,8 +79,6 @@ def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
 def register_model(name: str, model_dir: str | Path, data_dir: str | Path,
                    cache_root: str | Path | None = None) -> ModelEntry:
     """Check and save a registration; raises ModelError / DatasetError / ValueError with the reason."""
-    from dtrak_core.attribution.loading import load_model, load_training_set
-
     if not _NAME.match(name or ""):
         raise ValueError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
