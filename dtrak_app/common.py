@@ -286,8 +286,9 @@ def featurize_args(ctx: Context, settings: FeatureSettings) -> list[str]:
 
 
 def score_cache(ctx: Context, method: Method, settings: FeatureSettings | None, lam: float) -> ScoreCache:
-    lam_used = lam if method.uses_lambda else float("nan")
-    fields = settings.key_fields() if settings is not None and method.needs_features else None
+    # The rule declares what its scores depend on (feature settings, lambda); the rest stays out of the key.
+    lam_used = lam if "lambda" in method.key_fields else float("nan")
+    fields = settings.key_fields() if settings is not None and "features" in method.key_fields else None
     return ScoreCache(cache_root() / "scores", score_context(ctx.model.state_dict_hash, ctx.train.pixels_and_metadata_hash,
                                                              method.name, fields, lam_used))
 

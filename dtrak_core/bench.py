@@ -40,6 +40,7 @@ from dtrak_core.attribution.featurizer import DEVICES, Featurizer, FeatureSettin
 from dtrak_core.attribution.loading import load_dataset_for, load_model
 from dtrak_core.attribution.projectors import PROJECTORS, make_projector
 from dtrak_core.attribution.scorers import KernelScorer
+from dtrak_core.conventions import DEFAULT_NUM_TIMESTEPS, DEFAULT_PROJECTION_DIM
 from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.models import ModelError
@@ -96,7 +97,7 @@ def machine_info(device: torch.device) -> dict:
 
 def _train_step_fn(task: DiffusionTask, images: torch.Tensor, device: torch.device) -> Callable:
     """One batched training step (forward, backward, AdamW) on a copy of the task's denoiser."""
-    task = type(task)(copy.deepcopy(task.denoiser).to(device).train(), task.scheduler)
+    task = task.with_denoiser(copy.deepcopy(task.denoiser).to(device).train())
     for p in task.denoiser.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(task.denoiser.parameters(), lr=1e-4)
@@ -123,8 +124,8 @@ def bench_featurize(
     data_dir: str | Path,
     num_samples: int = 32,
     batch_size: int = 16,
-    num_timesteps: int = 10,
-    projection_dim: int = 2048,
+    num_timesteps: int = DEFAULT_NUM_TIMESTEPS,
+    projection_dim: int = DEFAULT_PROJECTION_DIM,
     projectors: Sequence[str] = ("sjlt", "rademacher"),
     repeats: int = 3,
     device: str = "auto",
@@ -161,7 +162,7 @@ def bench_featurize(
 
     base = FeatureSettings(num_timesteps=num_timesteps, projection_dim=projection_dim,
                            batch_size=batch_size, device=str(dev.type))
-    featurizer = Featurizer.create(type(model.task)(copy.deepcopy(model.unet), model.scheduler), base)
+    featurizer = Featurizer.create(model.task.with_denoiser(copy.deepcopy(model.unet)), base)
     report["num_parameters"] = featurizer.num_parameters
     _reset_peak(dev)
 
@@ -253,8 +254,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--data", required=True, type=Path)
     b.add_argument("--num-samples", type=int, default=32)
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("-K", "--num-timesteps", type=int, default=10)
-    b.add_argument("-k", "--projection-dim", type=int, default=2048)
+    b.add_argument("-K", "--num-timesteps", type=int, default=DEFAULT_NUM_TIMESTEPS)
+    b.add_argument("-k", "--projection-dim", type=int, default=DEFAULT_PROJECTION_DIM)
     b.add_argument("--projectors", nargs="+", default=["sjlt", "rademacher"], choices=PROJECTORS.names())
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="auto", choices=DEVICES)

@@ -80,8 +80,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in model_range_to_uint8(images)]
 
 
-def default_samples_dir(model_dir: str | Path, sampler: SamplerConfig) -> Path:
-    return paths.cache_dir() / "samples" / pipeline_files_hash(model_dir)[:16] / sampler.tag
+def default_samples_dir(files_hash: str, sampler: SamplerConfig) -> Path:
+    """The cache's folder for the samples of the model with ``files_hash`` (``pipeline_files_hash``)."""
+    return paths.cache_dir() / "samples" / files_hash[:16] / sampler.tag
 
 
 def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: SamplerConfig,
@@ -89,19 +90,20 @@ def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: Sam
                        progress: bool = True) -> Path:
     """Write ``<seed>.png`` for each seed plus ``samples.json`` (model hash, sampler, seeds).
 
-    Seeds whose image is already in the folder are not sampled again.
+    Seeds whose image is already in the folder are not sampled again (nor is the model loaded).
     """
     sampler.validate()
-    out = Path(out_dir) if out_dir is not None else default_samples_dir(model_dir, sampler)
+    files_hash = pipeline_files_hash(model_dir)
+    out = Path(out_dir) if out_dir is not None else default_samples_dir(files_hash, sampler)
     out.mkdir(parents=True, exist_ok=True)
-    task = load_task(model_dir)
-    info = {"model": str(model_dir), "model_hash": pipeline_files_hash(model_dir), "sampler": asdict(sampler)}
+    info = {"model": str(model_dir), "model_hash": files_hash, "sampler": asdict(sampler)}
     index_file = out / SAMPLES_FILE
     index = json.loads(index_file.read_text()) if index_file.exists() else {**info, "seeds": []}
     if index.get("model_hash") != info["model_hash"] or index.get("sampler") != info["sampler"]:
         raise ValueError(f"{out} holds samples of another model or sampler; choose another --out")
     todo = [int(s) for s in seeds if not (out / f"{int(s)}.png").exists()]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    task = load_task(model_dir) if batches else None
     for batch in progress_bar(batches, desc="generate", disable=not progress or not batches, unit="batch"):
         for seed, image in zip(batch, to_pil(sample(task, batch, sampler))):
             with atomic_path(out / f"{seed}.png") as tmp:

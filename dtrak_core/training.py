@@ -190,9 +190,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     while step < config.steps:
         rows = batch_indices(step, n, config.batch_size, config.seed)
         g = generator(config.seed, "step", step)
-        timesteps = torch.randint(0, T, (len(rows),), generator=g)
-        noise = torch.randn(x_all[rows].shape, generator=g)
         inputs = task.prepare(Batch(x_all[rows], rows.tolist()))
+        timesteps = torch.randint(0, T, (len(rows),), generator=g)
+        noise = torch.randn(inputs.x0.shape, generator=g)
         x_t = task.schedule.add_noise_as_trained(inputs.x0, noise, timesteps)
         target = task.training_target(inputs.x0, noise, timesteps)
         loss = (task.denoise(x_t, timesteps, inputs.condition) - target).pow(2).mean()
@@ -243,7 +243,7 @@ def untrained_copy(model_dir: str | Path) -> Iterator[Path]:
     """A temporary pipeline folder with the same denoiser config, freshly initialised (seed 0)."""
     task = load_task(model_dir)
     torch.manual_seed(0)
-    fresh = type(task)(type(task.denoiser).from_config(task.denoiser.config), task.scheduler)
+    fresh = task.with_denoiser(type(task.denoiser).from_config(task.denoiser.config))
     with tempfile.TemporaryDirectory() as tmp:
         fresh.save(tmp)
         yield Path(tmp)

@@ -27,7 +27,7 @@ import torch
 
 from dtrak_core.attribution.gradients import per_sample_gradients
 from dtrak_core.attribution.output_functions import get_output_function
-from dtrak_core.attribution.projectors import Projector, make_projector
+from dtrak_core.attribution.projectors import PROJECTORS, Projector, make_projector
 from dtrak_core.plugins import Registry
 from dtrak_core.tasks import DiffusionInputs, DiffusionTask
 
@@ -100,9 +100,9 @@ class PerSampleGradientProjection(FeatureComputer):
     def __init__(self, task: DiffusionTask, settings: "FeatureSettings", param_names: Sequence[str],
                  timesteps: Sequence[int]) -> None:
         super().__init__(task, settings, param_names, timesteps)
-        p = self.num_parameters
-        k = p if settings.projector == "identity" else settings.projection_dim
-        if k > p:
+        p, k = self.num_parameters, settings.projection_dim
+        # Only a projector whose matrix depends on k (its key settings) is held to k <= p.
+        if "projection_dim" in PROJECTORS.get(settings.projector).key_settings and k > p:
             raise ValueError(f"projection dimension k={k} exceeds the number of selected gradient "
                              f"coordinates p={p}; choose k <= {p}")
         self.projector: Projector = make_projector(settings.projector, p, k, settings.seed, self.param_names,

@@ -129,6 +129,10 @@ class DiffusionTask(ABC):
         """
         return x0
 
+    def with_denoiser(self, denoiser: torch.nn.Module) -> "DiffusionTask":
+        """The same family and scheduler around another denoiser (a copy, a checkpoint, a fresh init)."""
+        return type(self)(denoiser, self.scheduler)
+
     def to(self, device: torch.device | str) -> "DiffusionTask":
         """Move the denoiser (and anything else the task holds) to ``device``; returns self."""
         self.denoiser.to(device)

@@ -153,7 +153,7 @@ def _checkpoint_models(model_dir: Path, task: DiffusionTask) -> list[LoadedModel
     for folder in folders:
         denoiser = type(task.denoiser).from_pretrained(folder, use_safetensors=True,
                                                        low_cpu_mem_usage=False).float().eval()
-        models.append(LoadedModel(folder, type(task)(denoiser, task.scheduler), state_dict_hash(denoiser),
+        models.append(LoadedModel(folder, task.with_denoiser(denoiser), state_dict_hash(denoiser),
                                   scheduler_config_hash(task.scheduler)))
     return models
 
