@@ -10,6 +10,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from dtrak_app.common import keep_shared_state
+
 HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="dtrak", page_icon=":mag:", layout="wide")
@@ -28,4 +30,5 @@ PAGES += [
     st.Page("pages/jobs.py", title="Jobs", icon=":material/pending_actions:"),
     st.Page("pages/about.py", title="About", icon=":material/info:"),
 ]
+keep_shared_state()  # before any page draws (or skips) the widgets that hold the shared settings
 st.navigation(PAGES).run()

@@ -57,6 +57,23 @@ def _parse(name: str, text: str, kind: type):
         return DEFAULTS[name]
 
 
+#: Settings every page reads, held in session state under their widgets' keys.
+SHARED_STATE = ("model", "method", "target", "seed", "K", "k", "lambda")
+
+
+def keep_shared_state() -> None:
+    """Keep the shared settings alive across pages; called by ``app.py`` at the start of every run.
+
+    A widget owns its session-state key, and Streamlit deletes that key at the end of a run in
+    which the widget was not drawn (the run of another page), so the next page that reads "k"
+    failed with a KeyError. A key assigned by code in the run is kept: re-assigning each shared
+    setting to itself is Streamlit's documented way to keep widget values across pages.
+    """
+    for name in SHARED_STATE:
+        if name in st.session_state:
+            st.session_state[name] = st.session_state[name]
+
+
 def init_state() -> None:
     """Seed the widgets' session state from the URL once per session (a link reproduces a view)."""
     if st.session_state.get("_url_loaded"):

@@ -99,3 +99,35 @@ def test_pick_a_target_and_see_the_proponents(server):
                 page.screenshot(path=str(shots / "attribute.png"), full_page=True)
         finally:
             browser.close()
+
+
+def settled(page) -> None:
+    """Wait until the app's script run is over (Streamlit marks the app element)."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=90_000)
+
+
+def test_pages_after_other_pages_keep_the_shared_settings_and_never_crash(server):
+    # Streamlit deletes a widget's state in a run that does not draw it; the pages that read K, k
+    # and lambda then crashed with a KeyError after About (seen only in a browser, not in AppTest).
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server}/?K={FAST['K']}&k={FAST['k']}", timeout=90_000)
+            settled(page)
+            lam = page.get_by_label("lambda", exact=True).first
+            lam.fill("10")
+            lam.press("Enter")
+            settled(page)
+            visited = []
+            for name in ("About", "Compare methods", "Jobs", "Training data", "About", "Attribute"):
+                page.get_by_role("link", name=name).first.click(timeout=90_000)
+                settled(page)
+                errors = [e.inner_text()[:200] for e in page.locator('[data-testid="stException"]').all()]
+                visited.append((name, errors))
+            assert all(not errors for _, errors in visited), visited
+            assert page.get_by_label("lambda", exact=True).first.input_value() == "10"
+        finally:
+            browser.close()
