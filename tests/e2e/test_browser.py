@@ -9,6 +9,7 @@ unasked).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -109,17 +110,19 @@ def settled(page) -> None:
 def test_pages_after_other_pages_keep_the_shared_settings_and_never_crash(server):
     # Streamlit deletes a widget's state in a run that does not draw it; the pages that read K, k
     # and lambda then crashed with a KeyError after About (seen only in a browser, not in AppTest).
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{server}/?K={FAST['K']}&k={FAST['k']}", timeout=90_000)
-            settled(page)
             lam = page.get_by_label("lambda", exact=True).first
+            expect(lam).to_have_value("100", timeout=90_000)  # the first run drew the settings
+            settled(page)
             lam.fill("10")
             lam.press("Enter")
+            expect(page).to_have_url(re.compile(r"lambda=10\.0"), timeout=90_000)  # the run took the new value
             settled(page)
             visited = []
             for name in ("About", "Compare methods", "Jobs", "Training data", "About", "Attribute"):
@@ -128,6 +131,6 @@ def test_pages_after_other_pages_keep_the_shared_settings_and_never_crash(server
                 errors = [e.inner_text()[:200] for e in page.locator('[data-testid="stException"]').all()]
                 visited.append((name, errors))
             assert all(not errors for _, errors in visited), visited
-            assert page.get_by_label("lambda", exact=True).first.input_value() == "10"
+            expect(page.get_by_label("lambda", exact=True).first).to_have_value("10", timeout=90_000)
         finally:
             browser.close()
