@@ -129,3 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors are written to be read: one sentence, no stack trace.
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # The system's own failures (read-only or full disk, permissions): still one line, naming the file.
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2

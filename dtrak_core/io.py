@@ -11,6 +11,8 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +22,70 @@ import numpy as np
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+#: Environment variable of the fault-injection hook (see :func:`fault_point`).
+FAULT_ENV = "DTRAK_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+class OutputError(ValueError):
+    """An output or cache folder cannot take what is about to be written (one line, names the folder)."""
+
+
+def fault_point(name: str) -> None:
+    """A named write point; a test hook that kills this process there.
+
+    With ``DTRAK_FAULT=name`` the process is killed (SIGKILL: no ``finally``, no flush, as a
+    power cut or the OOM killer) the first time it reaches ``name``; ``DTRAK_FAULT=name@N``
+    the N-th time (1-based). Without the variable this is a dictionary lookup and nothing
+    else. The fault harness (``tests/reliability``) kills every long command at each of its
+    points and checks that a rerun gives byte-identical results.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    target, _, nth = wanted.partition("@")
+    if target != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def ensure_writable(folder: str | os.PathLike, need_bytes: int = 0, what: str = "output") -> None:
+    """Check, before long work starts, that ``folder`` (or the folder that would hold it) can be
+    written and has ``need_bytes`` free; else an :class:`OutputError` naming the folder and the
+    numbers. Creates nothing."""
+    folder = Path(folder)
+    probe_dir = _existing_ancestor(folder)
+    if not probe_dir.is_dir():
+        raise OutputError(f"cannot write the {what} to {folder}: {probe_dir} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dtrak-write-check.", dir=probe_dir)
+    except OSError as error:
+        raise OutputError(f"cannot write the {what} to {folder}: {error.strerror or error}") from None
+    os.close(fd)
+    os.unlink(probe)
+    free = shutil.disk_usage(probe_dir).free
+    if need_bytes > free:
+        raise OutputError(f"not enough free space for the {what} in {folder}: needs {format_bytes(need_bytes)}, "
+                          f"{format_bytes(free)} free")
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KB'`` (powers of 1024, one decimal)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
