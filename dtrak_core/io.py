@@ -37,19 +37,22 @@ def fault_point(name: str) -> None:
 
     With ``DTRAK_FAULT=name`` the process is killed (SIGKILL: no ``finally``, no flush, as a
     power cut or the OOM killer) the first time it reaches ``name``; ``DTRAK_FAULT=name@N``
-    the N-th time (1-based). Without the variable this is a dictionary lookup and nothing
-    else. The fault harness (``tests/reliability``) kills every long command at each of its
-    points and checks that a rerun gives byte-identical results.
+    the N-th time (1-based). ``DTRAK_FAULT=name@N:stop`` stops it there instead (SIGSTOP,
+    until the test sends SIGCONT): a writer delayed at an exact point, for concurrency tests.
+    Without the variable this is a dictionary lookup and nothing else. The fault harness
+    (``tests/reliability``) kills every long command at each of its points and checks that a
+    rerun gives byte-identical results.
     """
     wanted = os.environ.get(FAULT_ENV)
     if not wanted:
         return
-    target, _, nth = wanted.partition("@")
+    where, _, action = wanted.partition(":")
+    target, _, nth = where.partition("@")
     if target != name:
         return
     _fault_hits[name] = _fault_hits.get(name, 0) + 1
     if _fault_hits[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 def _existing_ancestor(folder: Path) -> Path:

@@ -64,3 +64,17 @@ def test_fault_point_kills_at_the_named_point_and_hit(tmp_path, monkeypatch):
     assert rc == -9 and out == ""
     rc, out = _run_points("c", tmp_path)  # a point that is never reached: no effect
     assert rc == 0
+
+
+def test_fault_point_stop_pauses_the_process_until_it_is_continued(tmp_path, monkeypatch):
+    import signal
+
+    monkeypatch.setenv("PYTHONPATH", os.getcwd())
+    code = "from dtrak_core.io import fault_point\nprint('before', flush=True)\nfault_point('p')\nprint('after')\n"
+    env = {**os.environ, io.FAULT_ENV: "p@1:stop"}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "before\n"
+    _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns once the child has stopped itself
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+    child.send_signal(signal.SIGCONT)
+    assert child.stdout.read() == "after\n" and child.wait() == 0
