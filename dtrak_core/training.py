@@ -136,12 +136,13 @@ def _recipe(config: TrainConfig, data: ImageFolderDataset, model: UNet2DModel, s
 
 
 def _run_spec() -> RunSpec:
-    """This trainer, as the run mechanics see it: checkpointing never changes the weights; a
-    changed ``steps`` is accepted only where the learning rate of the steps done is unchanged."""
+    """This trainer, as the run mechanics see it: checkpointing and the folder's own path never
+    change the weights (a moved run folder resumes); a changed ``steps`` is accepted only where
+    the learning rate of the steps done is unchanged."""
     specs = fields(TrainConfig)
     return RunSpec(
         trainer="ddpm-pixel",
-        free_settings=frozenset({"checkpoint_every", "keep_checkpoints"}),
+        free_settings=frozenset({"checkpoint_every", "keep_checkpoints", "out_dir"}),
         schedule_settings=frozenset({"steps"}),
         learning_rate=lambda config, step: learning_rate_at(step, TrainConfig(**config)),
         defaults={f.name: f.default for f in specs if f.default is not MISSING},
