@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from diffusers import UNet2DModel
 
-from dtrak_core import paths
+from dtrak_core import paths, training_run
 from dtrak_core.datasets import ImageFolderDataset, load_image_folder
 from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.diffusion import diffusion_loss, generator
@@ -35,8 +35,10 @@ from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_
 from dtrak_core.progress import progress_bar
 from dtrak_core.tasks import Batch, UnconditionalPixelTask, load_task
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
-# STATE_FILE: callers (the LDS tests) read a run's state by this module's name for it.
-from dtrak_core.training_run import STATE_FILE, Footprint, RunSpec, TrainingRun, machine_info, tensor_bytes  # noqa: F401
+from dtrak_core.training_run import Footprint, Resume, RunSpec, TrainingRun, machine_info, tensor_bytes
+
+#: A run's state file (callers, e.g. the LDS tests, find it by this module's name).
+STATE_FILE = training_run.STATE_FILE
 
 
 @dataclass
@@ -183,7 +185,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     return out_dir
 
 
-def _train_steps(run: TrainingRun, resume, config: TrainConfig, data: ImageFolderDataset, x_all: torch.Tensor,
+def _train_steps(run: TrainingRun, resume: Resume, config: TrainConfig, data: ImageFolderDataset, x_all: torch.Tensor,
                  model: UNet2DModel, scheduler, progress: bool) -> None:
     """Steps ``resume.step`` .. ``config.steps`` (state saved every ``checkpoint_every`` steps and
     at the end), then the finished pipeline of the EMA weights."""

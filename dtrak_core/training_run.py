@@ -106,10 +106,13 @@ class Footprint:
     checkpoint_bytes: int = 0
     checkpoints: int = 0
 
-    def need_bytes(self, resuming: bool) -> int:
+    def need_bytes(self, resuming: bool, finished: bool = False) -> int:
         """state x 2 on a fresh run (the second save writes beside the first) or x 1 when a
         state exists (the new one is written beside it, then replaces it), + the model (staged
-        beside any previous one), + the kept checkpoints, + 1 MiB of small files."""
+        beside any previous one), + the kept checkpoints, + 1 MiB of small files. A folder whose
+        marker says it is finished needs at most a repair: the model and the small files."""
+        if finished:
+            return self.model_bytes + _SMALL_FILES_BYTES
         return (self.state_bytes * (1 if resuming else 2) + self.model_bytes
                 + self.checkpoint_bytes * self.checkpoints + _SMALL_FILES_BYTES)
 
@@ -140,7 +143,7 @@ def _one_line(error: BaseException | str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def _short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -292,7 +295,11 @@ class TrainingRun:
     @contextlib.contextmanager
     def open(self, footprint: Footprint) -> Iterator["TrainingRun"]:
         """Check the folder (writable, enough space), lock it, tidy what a killed run left."""
-        ensure_writable(self.out_dir, footprint.need_bytes((self.out_dir / STATE_FILE).exists()), "model")
+        marker_path = self.out_dir / MARKER_FILE
+        marker = _read_marker(marker_path) if marker_path.exists() else None
+        finished = marker is not None and marker["steps_done"] == self.steps
+        need = footprint.need_bytes((self.out_dir / STATE_FILE).exists(), finished)
+        ensure_writable(self.out_dir, need, "model")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with try_lock(self.out_dir / LOCK_FILE) as mine:
             if not mine:

@@ -273,3 +273,6 @@ def test_the_output_folder_is_checked_for_space_before_training(image_folder, tm
     need = _footprint(UNET_PRESETS["tiny"].build(16), config).need_bytes(resuming=False)
     assert written < need < 3 * written + (1 << 20)
     assert shutil.disk_usage(out).free > need
+    # A finished folder needs no room for a run: its rerun does nothing (at most a repair).
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - need // 2, need // 2))
+    assert train(config, progress=False) == out
