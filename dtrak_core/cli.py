@@ -22,7 +22,7 @@ from dtrak_core.evaluation import cli as evaluation_cli
 from dtrak_core.generation import SamplerConfig, generate_to_folder, image_grid
 from dtrak_core.seeds import parse_seeds
 from dtrak_core.models import UNET_PRESETS
-from dtrak_core.tasks import load_task
+from dtrak_core.tasks import check_model_folder, load_task
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
 from dtrak_core.training import TrainConfig, held_out_loss, train, untrained_copy
 
@@ -58,6 +58,9 @@ def _dest(spec: dataclasses.Field) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    # Before hashing its files: an unfinished or unsupported model is refused even when its
+    # samples are cached already (generate_to_folder loads the model only for missing seeds).
+    check_model_folder(args.model)
     sampler = SamplerConfig(kind=args.sampler, steps=args.steps, eta=args.eta)
     out = generate_to_folder(args.model, args.seeds, sampler, args.out, batch_size=args.batch_size)
     print(f"wrote {len(args.seeds)} samples to {out}")

@@ -16,8 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from dtrak_core.io import sha256_bytes, sha256_file
 from dtrak_core.tasks import ModelError, load_task
-
-RECIPE_FILE = "recipe.json"
+from dtrak_core.training_run import RECIPE_FILE
 
 # Loading a two-part pipeline takes milliseconds; diffusers' bar would only clutter our output.
 diffusers_logging.disable_progress_bar()

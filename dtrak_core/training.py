@@ -6,6 +6,9 @@ it had never stopped, and LDS / counterfactual retrains are reproducible.
 
 Optimiser: AdamW (betas 0.95, 0.999, as the D-TRAK recipe), linear warm-up then cosine decay,
 an EMA of the weights (the EMA weights are what the pipeline folder holds and what samples use).
+
+What happens on disk (the lock, the up-front space check, the state, the resume rule, the
+checkpoints, the atomic final write and its marker) is :mod:`dtrak_core.training_run`'s.
 """
 
 from __future__ import annotations
@@ -14,31 +17,28 @@ import contextlib
 import copy
 import json
 import math
-import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from diffusers import UNet2DModel
 
-from dtrak_core import paths
+from dtrak_core import paths, training_run
 from dtrak_core.datasets import ImageFolderDataset, load_image_folder
 from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.diffusion import diffusion_loss, generator
-from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.models import RECIPE_FILE, UNET_PRESETS, count_parameters, make_scheduler
 from dtrak_core.progress import progress_bar
-from dtrak_core.tasks import Batch, DiffusionTask, UnconditionalPixelTask, load_task
+from dtrak_core.tasks import Batch, UnconditionalPixelTask, load_task
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
+from dtrak_core.training_run import Footprint, Resume, RunSpec, TrainingRun, machine_info, tensor_bytes
 
-STATE_FILE = "train_state.pt"
-# Settings a resumed run may change: none of them changes the weights of a given step.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
+#: A run's state file (callers, e.g. the LDS tests, find it by this module's name).
+STATE_FILE = training_run.STATE_FILE
 
 
 @dataclass
@@ -133,55 +133,73 @@ def _recipe(config: TrainConfig, data: ImageFolderDataset, model: UNet2DModel, s
         "steps_done": step,
         "wall_seconds": round(wall_seconds, 1),
         "final_loss_ema": losses[-1] if losses else None,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": "cpu"},
+        "machine": machine_info("cpu"),
     }
 
 
-def _save_state(out_dir: Path, model, ema, optimizer, step, wall_seconds, losses) -> None:
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "step": torch.tensor(step), "wall_seconds": torch.tensor(wall_seconds),
-             "losses": torch.tensor(losses)}
-    with atomic_path(out_dir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+def _run_spec() -> RunSpec:
+    """This trainer, as the run mechanics see it: checkpointing and the folder's own path never
+    change the weights (a moved run folder resumes); a changed ``steps`` is accepted only where
+    the learning rate of the steps done is unchanged."""
+    specs = fields(TrainConfig)
+    return RunSpec(
+        trainer="ddpm-pixel",
+        free_settings=frozenset({"checkpoint_every", "keep_checkpoints", "out_dir"}),
+        schedule_settings=frozenset({"steps"}),
+        learning_rate=lambda config, step: learning_rate_at(step, TrainConfig(**config)),
+        defaults={f.name: f.default for f in specs if f.default is not MISSING},
+        flags={f.name: f.metadata["flags"][0] for f in specs})
+
+
+def _footprint(model: UNet2DModel, config: TrainConfig) -> Footprint:
+    """Bytes the run writes: the state holds the weights, their EMA and AdamW's two moments
+    (4 copies, float32), the pipeline the EMA weights, each kept checkpoint half of them (float16)."""
+    weights = tensor_bytes(model.state_dict())
+    checkpoints = -(-config.steps // config.checkpoint_every) if config.keep_checkpoints else 0
+    return Footprint(state_bytes=4 * weights, model_bytes=weights, checkpoint_bytes=weights // 2,
+                     checkpoints=checkpoints)
 
 
 def train(config: TrainConfig, progress: bool = True) -> Path:
     """Train (or resume) and write the pipeline folder ``config.out_dir``; returns it.
 
-    The folder holds the EMA weights, ``recipe.json`` and ``train_state.pt`` (for resuming);
-    with ``keep_checkpoints`` also ``checkpoints/step-N/`` (raw weights in float16, for TracIn).
-    ``steps``, ``checkpoint_every`` and ``keep_checkpoints`` may change when resuming.
+    The folder holds the EMA weights, ``recipe.json``, ``train_complete.json`` (written last)
+    and ``train_state.pt`` (for resuming); with ``keep_checkpoints`` also ``checkpoints/step-N/``
+    (raw weights in float16, for TracIn). A rerun continues a killed run, repairs a half-written
+    pipeline from the state, and returns at once when the folder is complete. ``checkpoint_every``
+    and ``keep_checkpoints`` may change when resuming; ``steps`` only while the learning rate of
+    the steps already done stays the same (see :func:`dtrak_core.training_run.check_resume`).
     """
     config.validate()
     out_dir = Path(config.out_dir)
     data = load_training_data(config)
     x_all = data.to_tensor()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = out_dir / "train_config.json"
-    if config_file.exists() and json.loads(config_file.read_text()) != asdict(config):
-        saved = json.loads(config_file.read_text())
-        changed = set(k for k in saved if saved.get(k) != asdict(config).get(k))
-        if changed - RESUMABLE_CHANGES:
-            raise ValueError(f"{out_dir} holds a run with other settings "
-                             f"({', '.join(sorted(changed - RESUMABLE_CHANGES))}); "
-                             "use another --out or delete it")
-    write_json_atomic(config_file, asdict(config))
-
     scheduler = make_scheduler(config.prediction_type)
     model = UNET_PRESETS[config.preset].build(config.image_size, seed=config.seed).train()
+    run = TrainingRun(out_dir, _run_spec(), asdict(config))
+    with run.open(_footprint(model, config)):
+        resume = run.begin()
+        if resume.complete:
+            return out_dir
+        _train_steps(run, resume, config, data, x_all, model, scheduler, progress)
+    return out_dir
+
+
+def _train_steps(run: TrainingRun, resume: Resume, config: TrainConfig, data: ImageFolderDataset, x_all: torch.Tensor,
+                 model: UNet2DModel, scheduler, progress: bool) -> None:
+    """Steps ``resume.step`` .. ``config.steps`` (state saved every ``checkpoint_every`` steps and
+    at the end), then the finished pipeline of the EMA weights."""
     task = UnconditionalPixelTask(model, scheduler)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.95, 0.999),
                                   weight_decay=config.weight_decay)
     step, wall_seconds, losses = 0, 0.0, []
-    if (out_dir / STATE_FILE).exists():
-        state = torch.load(out_dir / STATE_FILE, weights_only=True)
+    if resume.payload is not None:
+        state = resume.payload
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        step, wall_seconds = int(state["step"]), float(state["wall_seconds"])
+        step, wall_seconds = resume.step, float(state["wall_seconds"])
         losses = state["losses"].tolist()
 
     n, T = len(data), task.num_train_timesteps
@@ -210,32 +228,23 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         if step % config.checkpoint_every == 0 or step == config.steps:
             wall_seconds = time.time() - started
             if config.keep_checkpoints:
-                _keep_checkpoint(model, out_dir / "checkpoints" / f"step-{step:07d}")
-            _save_state(out_dir, model, ema, optimizer, step, wall_seconds, losses)
-            _write_pipeline(out_dir, UnconditionalPixelTask(ema, scheduler),
-                            _recipe(config, data, model, step, wall_seconds, losses))
+                run.keep_checkpoint(step, lambda folder: _save_half(model, folder))
+            # float64 losses: the recipe's final loss is then the same number after a resume.
+            run.save_state({"model": model.state_dict(), "ema": ema.state_dict(),
+                            "optimizer": optimizer.state_dict(), "step": torch.tensor(step),
+                            "wall_seconds": torch.tensor(wall_seconds),
+                            "losses": torch.tensor(losses, dtype=torch.float64)}, step)
     bar.close()
-    return out_dir
+    # Also reached with no step taken: the state is complete and the pipeline was not (a repair).
+    run.publish(UnconditionalPixelTask(ema, scheduler).save, _recipe(config, data, model, step, wall_seconds, losses),
+                step)
 
 
-def _keep_checkpoint(model: UNet2DModel, folder: Path) -> None:
+def _save_half(model: UNet2DModel, folder: Path) -> None:
     """Save the raw (not EMA) weights in float16: TracIn needs their gradients, not exact bits,
     and half the size keeps the committed checkpoints of the demo model small."""
     half = copy.deepcopy(model).to(torch.float16)
     half.save_pretrained(folder, safe_serialization=True)
-
-
-def _write_pipeline(out_dir: Path, task: DiffusionTask, recipe: dict) -> None:
-    """Write the EMA pipeline beside ``out_dir`` and swap it in, so readers never see half of it."""
-    staging = out_dir / ".pipeline.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    task.save(staging)
-    for part in ("unet", "scheduler"):
-        shutil.rmtree(out_dir / part, ignore_errors=True)
-        (staging / part).rename(out_dir / part)
-    (staging / "model_index.json").replace(out_dir / "model_index.json")
-    shutil.rmtree(staging, ignore_errors=True)
-    write_json_atomic(out_dir / RECIPE_FILE, recipe)
 
 
 @contextlib.contextmanager

@@ -165,3 +165,73 @@ def test_the_schedule_comes_from_the_scheduler_not_an_assumed_T():
     from dtrak_core.attribution.featurizer import Featurizer
 
     assert Featurizer.create(task, settings).timesteps == [0, 10, 20, 30, 40]
+
+
+# -- what is not supported is refused at load, in one line (issue 13) ---------------------------
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _use_scheduler(folder, name):
+    _edit_json(folder / "model_index.json", scheduler=["diffusers", name])
+    _edit_json(folder / "scheduler" / "scheduler_config.json", _class_name=name)
+
+
+def _unet_folder(folder, **config):
+    from diffusers import UNet2DModel
+
+    base = {k: v for k, v in UNET_PRESETS["tiny"].build(image_size=16).config.items() if not k.startswith("_")}
+    import shutil
+
+    shutil.rmtree(folder / "unet")
+    UNet2DModel(**{**base, **config}).save_pretrained(folder / "unet", safe_serialization=True)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+UNSUPPORTED = {
+    "unknown beta schedule": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", beta_schedule="cubic"),
+                              "could not load the pipeline in {d}: cubic is not implemented for <class "
+                              "'diffusers.schedulers.scheduling_ddpm.DDPMScheduler'>"),
+    "variance-exploding scheduler": (lambda d: _use_scheduler(d, "ScoreSdeVeScheduler"),
+                                     "{d}: the scheduler ScoreSdeVeScheduler is not supported (its noise process is "
+                                     "not the discrete-beta DDPM one we reproduce); expected one of "),
+    "unknown scheduler class": (lambda d: _use_scheduler(d, "NoSuchScheduler"),
+                                "could not load the pipeline in {d}: `diffusers` has no class `NoSuchScheduler`."),
+    "learned variance": (lambda d: _unet_folder(d, out_channels=6),
+                         "{d}: the UNet maps 3 to 6 channels; expected 3 to 3 (RGB images, a prediction of the same "
+                         "shape: learned-variance models are not supported)"),
+    "grayscale": (lambda d: _unet_folder(d, in_channels=1, out_channels=1),
+                  "{d}: the UNet maps 1 to 1 channels; expected 3 to 3"),
+    "conditional UNet": (lambda d: _edit_json(d / "model_index.json", unet=["diffusers", "UNet2DConditionModel"]),
+                         "{d}: the denoiser is a UNet2DConditionModel; a DDPMPipeline here must hold a UNet2DModel"),
+    "damaged weights": (lambda d: _flip_a_byte(d / "unet" / "diffusion_pytorch_model.safetensors"),
+                        "could not load the pipeline in {d}: Unable to load weights from checkpoint file"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSUPPORTED))
+@pytest.mark.parametrize("pipeline_dir", ["epsilon"], indirect=True)
+def test_an_unsupported_model_is_refused_at_load_in_one_line(pipeline_dir, kind):
+    change, message = UNSUPPORTED[kind]
+    change(pipeline_dir)
+    with pytest.raises(ModelError) as error:
+        load_task(pipeline_dir)
+    assert str(error.value).startswith(message.format(d=pipeline_dir))
+    assert "\n" not in str(error.value) and len(str(error.value)) < 600
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler"])
+@pytest.mark.parametrize("pipeline_dir", ["v_prediction"], indirect=True)
+def test_schedulers_of_the_same_noise_process_load_with_their_own_betas(pipeline_dir, scheduler):
+    reference = load_task(pipeline_dir)
+    _use_scheduler(pipeline_dir, scheduler)
+    task = load_task(pipeline_dir)
+    assert type(task.scheduler).__name__ == scheduler and task.prediction.name == "v_prediction"
+    torch.testing.assert_close(task.schedule.betas, reference.schedule.betas)
+    torch.testing.assert_close(task.schedule.scheduler_alphas_cumprod, reference.schedule.scheduler_alphas_cumprod)

@@ -3,6 +3,12 @@
 ``load_task(model_dir)`` reads ``model_index.json``'s ``_class_name`` and asks the task
 registered for it to load the folder. A new family: subclass ``DiffusionTask`` and decorate it
 with ``@TASKS.register("<PipelineClassName>")``.
+
+Every reader (featurize, score, generate, the held-out loss, LDS, counterfactual, the app's
+registration) loads through here, so what is not supported is refused here, at load, in one
+line: a folder our trainer has not finished, an unknown pipeline class, and (in the task's
+``load``/``__init__``) an unknown prediction type, a scheduler whose noise process we do not
+reproduce, a denoiser of another kind.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dtrak_core.plugins import Registry
 from dtrak_core.tasks.base import Batch, DiffusionInputs, DiffusionTask, ModelError
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
 from dtrak_core.tasks.unconditional import UnconditionalPixelTask
+from dtrak_core.training_run import RunError, check_finished, refuse_unfinished
 
 TASKS: Registry[type[DiffusionTask]] = Registry("model family (pipeline class)")
 TASKS.register(UnconditionalPixelTask.pipeline_class)(UnconditionalPixelTask)
@@ -42,10 +49,28 @@ def task_class_for(model_dir: str | Path) -> type[DiffusionTask]:
     return TASKS.get(name)
 
 
+def check_model_folder(model_dir: str | Path) -> type[DiffusionTask]:
+    """What every reader checks before loading weights; returns the folder's task class.
+
+    A folder our trainer is writing or was killed writing (``train_state.pt``, no
+    ``train_complete.json``) is refused before anything else; then the pipeline class; then, for
+    a folder the trainer finished, that the files its marker lists are there and its weights
+    match their sha256. Folders of other tools (and the embedded models) have neither file and
+    are not affected. ``ModelError`` with the reason.
+    """
+    try:
+        refuse_unfinished(model_dir)
+        task_class = task_class_for(model_dir)
+        check_finished(model_dir)
+    except RunError as error:
+        raise ModelError(str(error)) from None
+    return task_class
+
+
 def load_task(model_dir: str | Path) -> DiffusionTask:
     """Load a pipeline folder as its task (``ModelError`` with the reason if it cannot be)."""
-    return task_class_for(model_dir).load(Path(model_dir))
+    return check_model_folder(model_dir).load(Path(model_dir))
 
 
 __all__ = ["Batch", "DiffusionInputs", "DiffusionTask", "ModelError", "TASKS", "PREDICTION_TYPES",
-           "UnconditionalPixelTask", "load_task", "task_class_for", "pipeline_class_name"]
+           "UnconditionalPixelTask", "check_model_folder", "load_task", "task_class_for", "pipeline_class_name"]

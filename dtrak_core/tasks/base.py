@@ -58,6 +58,30 @@ class ModelError(ValueError):
     """A model folder is not a pipeline any registered task can load; the message says why."""
 
 
+#: Scheduler classes whose noise process is the discrete DDPM one, fixed by their betas
+#: (abar_t = prod_{s<=t} (1 - beta_s)): training, the losses, the features and our DDIM / DDPM
+#: samplers (built from the scheduler's config) reproduce it exactly. Variance-exploding,
+#: continuous-time and flow-matching schedulers (ScoreSdeVe, EDM, FlowMatch, ...) have no such
+#: betas; a model made with one is refused at load rather than trained or sampled as another.
+DDPM_FAMILY_SCHEDULERS = frozenset({
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"})
+
+
+def check_scheduler(scheduler) -> str:
+    """The scheduler's ``prediction_type`` once its class and prediction type are supported;
+    else ``ModelError`` naming what is not."""
+    kind = type(scheduler).__name__
+    if kind not in DDPM_FAMILY_SCHEDULERS or getattr(scheduler, "betas", None) is None:
+        raise ModelError(f"the scheduler {kind} is not supported (its noise process is not the discrete-beta DDPM "
+                         f"one we reproduce); expected one of {sorted(DDPM_FAMILY_SCHEDULERS)}")
+    name = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+    if name not in PREDICTION_TYPES:
+        raise ModelError(f"the scheduler's prediction_type {name!r} is not supported; expected one of "
+                         f"{PREDICTION_TYPES.names()}")
+    return name
+
+
 class DiffusionTask(ABC):
     """One model family. Subclasses set ``pipeline_class`` and implement the abstract methods."""
 
@@ -65,10 +89,7 @@ class DiffusionTask(ABC):
     pipeline_class: ClassVar[str] = ""
 
     def __init__(self, denoiser: torch.nn.Module, scheduler) -> None:
-        name = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-        if name not in PREDICTION_TYPES:
-            raise ModelError(f"the scheduler's prediction_type {name!r} is not supported; expected one of "
-                            f"{PREDICTION_TYPES.names()}")
+        name = check_scheduler(scheduler)
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.schedule = NoiseSchedule.from_scheduler(scheduler)

@@ -12,6 +12,11 @@ from torch.func import functional_call
 from dtrak_core.tasks.base import Batch, DiffusionInputs, DiffusionTask, ModelError
 
 
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class UnconditionalPixelTask(DiffusionTask):
     """x0 = the images themselves (B, 3, H, W) in [-1, 1]; no condition; ``unet(x_t, t)``."""
 
@@ -32,9 +37,32 @@ class UnconditionalPixelTask(DiffusionTask):
             # low_cpu_mem_usage=False: the models are small, and it avoids a warning about accelerate.
             pipeline = DDPMPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
                                                     low_cpu_mem_usage=False)
-        except (OSError, ValueError, EnvironmentError) as error:
-            raise ModelError(f"could not load the pipeline in {model_dir}: {error}") from None
-        return cls(pipeline.unet.eval(), pipeline.scheduler)
+        # What diffusers raises for a folder it cannot read: missing or damaged files (OSError),
+        # an unknown class or beta schedule (ValueError, NotImplementedError), weights that do
+        # not fit the config (RuntimeError), configs of the wrong shape (KeyError, TypeError).
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as error:
+            raise ModelError(f"could not load the pipeline in {model_dir}: {_one_line(error)}") from None
+        try:
+            cls.check_denoiser(pipeline.unet)
+            return cls(pipeline.unet.eval(), pipeline.scheduler)
+        except ModelError as error:
+            raise ModelError(f"{model_dir}: {error}") from None
+
+    @classmethod
+    def check_denoiser(cls, unet: torch.nn.Module) -> None:
+        """``ModelError`` unless ``unet`` is what a DDPMPipeline samples with and this task feeds:
+        a ``UNet2DModel`` taking and predicting 3 channels (RGB; one prediction of the input's
+        shape, so no learned variance) with no class embedding (it is called without labels).
+        A conditional subclass overrides this to accept its condition."""
+        if not isinstance(unet, UNet2DModel):
+            raise ModelError(f"the denoiser is a {type(unet).__name__}; a DDPMPipeline here must hold a UNet2DModel")
+        config = unet.config
+        if config.in_channels != 3 or config.out_channels != 3:
+            raise ModelError(f"the UNet maps {config.in_channels} to {config.out_channels} channels; expected 3 to 3 "
+                             "(RGB images, a prediction of the same shape: learned-variance models are not supported)")
+        if config.num_class_embeds is not None or config.class_embed_type is not None:
+            raise ModelError("the UNet is class-conditional (it has a class embedding) but a DDPMPipeline calls it "
+                             "without labels; register a class-conditional task for it")
 
     def save(self, model_dir: str | Path) -> None:
         DDPMPipeline(unet=self.denoiser, scheduler=self.scheduler).save_pretrained(model_dir, safe_serialization=True)
