@@ -23,8 +23,9 @@ replaced atomically, records the batch as ``[lo, hi, sha256 of rows lo..hi]`` (`
 ``status: complete`` is written last. On every load the rows of every batch are hashed and
 compared with the manifest (about 2 GB/s; 2 ms for the demo's 3 MB): a batch that does not match,
 or rows that no batch covers (a store written before checksums existed), are recomputed by the
-next writer and never served. Within one process a store is hashed again only when its file
-changed (inode, size, mtime or ctime) or its manifest's batches did.
+next writer and never served. The one shortcut: within one process, a store already verified is
+not hashed again while its file keeps the same inode, size, mtime and ctime (any write moves the
+ctime) and its manifest the same batches (see ``_failed_batches``).
 
 Resuming: a rerun after an interruption computes only the rows no verified batch covers (with
 any batch size).
@@ -38,6 +39,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -173,17 +175,26 @@ def _valid_batches(manifest: dict, n: int) -> list[list]:
 
 #: folder -> signature of the store as it was when all its batches last matched (see _failed_batches).
 _verified: dict[str, tuple] = {}
+#: File times tick coarsely (a kernel clock tick, up to 10 ms): a file changed within this many
+#: seconds before a verification could change again without a new ctime, so it is not memoized.
+_SETTLED_SECONDS = 2.0
 
 
 def _failed_batches(folder: Path, store: np.ndarray, batches: list[list]) -> list[list]:
-    """The batches whose rows no longer hash to their recorded sha256 (all are hashed, unless this
-    process already verified the same file (inode, size, mtime, ctime) with the same batches)."""
+    """The batches whose rows no longer hash to their recorded sha256.
+
+    All are hashed, unless this process already verified the same file (inode, size, mtime and
+    ctime, the last changed more than ``_SETTLED_SECONDS`` before that verification began) with the
+    same batches: any write since then, even of same-size bytes, moved the ctime (which no user
+    call can set back).
+    """
+    began = time.time()
     stat = os.stat(folder / FEATURES)
     signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, sha256_json(batches))
     if _verified.get(str(folder)) == signature:
         return []
     failed = [b for b in batches if rows_sha256(store[b[0]:b[1]]) != b[2]]
-    if not failed:
+    if not failed and began - stat.st_ctime_ns / 1e9 > _SETTLED_SECONDS:
         _verified[str(folder)] = signature
     return failed
 
