@@ -65,7 +65,8 @@ def check_dataset_fits(dataset: ImageFolderDataset, model: LoadedModel) -> None:
         raise DatasetError(f"dataset {dataset.root} is empty; expected at least one image")
     if dataset.image_size != model.sample_size:
         raise DatasetError(f"images in {dataset.root} are {dataset.image_size}x{dataset.image_size} but "
-                           f"the model in {model.path} expects {model.sample_size}x{model.sample_size}")
+                           f"the model in {model.path} expects {model.sample_size}x{model.sample_size}; "
+                           "--resize (CLI) or resize=True resizes them")
 
 
 def load_training_set(model: LoadedModel, data_dir: str | Path | None = None,
