@@ -317,8 +317,17 @@ def _create(folder: Path, featurizer: Featurizer, identity: dict, key: str, n: i
         "num_selected_tensors": len(featurizer.param_names), "versions": _versions(),
         "created": _now(),
     }
-    write_json_atomic(folder / MANIFEST, manifest)
+    _write_manifest(folder, manifest)
     return manifest
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    """Replace the manifest atomically; a full or failing disk is one line naming the folder."""
+    try:
+        write_json_atomic(folder / MANIFEST, manifest)
+    except OSError as error:
+        raise OutputError(f"cannot write {folder / MANIFEST}: {error.strerror or error}; free some space and "
+                          "rerun to resume (the rows already recorded are kept)") from None
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -404,12 +413,12 @@ def _write(featurizer: Featurizer, images: torch.Tensor, ids: list[int], identit
     if not todo:
         if manifest.get("status") != "complete":  # every row stored, killed before the last write
             manifest.update(status="complete", finished=_now())
-            write_json_atomic(folder / MANIFEST, manifest)
+            _write_manifest(folder, manifest)
         return  # another writer finished while we waited
     if manifest.get("status") == "complete":
         _say(f"features in {folder}: {problem}; recomputing them")
     manifest.update(status="running", batches=good, rows_done=n - sum(hi - lo for lo, hi in todo))
-    write_json_atomic(folder / MANIFEST, manifest)
+    _write_manifest(folder, manifest)
     bar = progress_bar(total=n, initial=manifest["rows_done"], desc=description, unit="img", disable=not progress)
     try:
         for start, stop in todo:
@@ -420,7 +429,7 @@ def _write(featurizer: Featurizer, images: torch.Tensor, ids: list[int], identit
                 manifest["batches"] = sorted(manifest["batches"] + [[lo, hi, rows_sha256(features)]])
                 manifest.update(rows_done=int(manifest["rows_done"]) + hi - lo,
                                 batches_done=int(manifest["batches_done"]) + 1, updated=_now())
-                write_json_atomic(folder / MANIFEST, manifest)
+                _write_manifest(folder, manifest)
                 bar.update(hi - lo)
                 if on_batch is not None:
                     on_batch(int(manifest["rows_done"]), n)
@@ -429,4 +438,4 @@ def _write(featurizer: Featurizer, images: torch.Tensor, ids: list[int], identit
         del store
     fault_point("features.complete")
     manifest.update(status="complete", finished=_now())
-    write_json_atomic(folder / MANIFEST, manifest)
+    _write_manifest(folder, manifest)
