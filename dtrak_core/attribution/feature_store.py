@@ -281,19 +281,20 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _preallocate(path: Path, size: int, folder: Path) -> None:
-    """Give ``path`` real blocks up to ``size`` bytes, so writes through a memory map cannot
-    fail later (a full disk would kill the process with SIGBUS); a full disk fails here instead."""
+def _preallocate(path: Path, start: int, size: int, folder: Path) -> None:
+    """Give ``path`` real blocks from ``start`` (the end of the .npy header) up to ``size`` bytes,
+    so writes through a memory map cannot fail later (a full disk would kill the process with
+    SIGBUS); a full disk fails here instead."""
     fd = os.open(path, os.O_RDWR)
     try:
         if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
+            os.posix_fallocate(fd, start, size - start)
         else:  # no fallocate (macOS): writing the zeros allocates them too
-            os.lseek(fd, 0, os.SEEK_SET)
-            for at in range(0, size, 1 << 20):
+            os.lseek(fd, start, os.SEEK_SET)
+            for at in range(start, size, 1 << 20):
                 os.write(fd, bytes(min(1 << 20, size - at)))
     except OSError as error:
-        raise OutputError(f"cannot reserve {format_bytes(size)} for the features in {folder}: "
+        raise OutputError(f"cannot reserve {format_bytes(size - start)} for the features in {folder}: "
                           f"{error.strerror or error}") from None
     finally:
         os.close(fd)
@@ -304,9 +305,9 @@ def _create(folder: Path, featurizer: Featurizer, identity: dict, key: str, n: i
     k = featurizer.feature_dim
     with atomic_path(folder / FEATURES) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, k))
-        size = array.offset + array.nbytes
+        start, size = array.offset, array.offset + array.nbytes
         del array
-        _preallocate(tmp, size, folder)
+        _preallocate(tmp, start, size, folder)
         fault_point("features.create")
     manifest = {
         "key": key, "identity": identity, "status": "running", "shape": [n, k],
@@ -383,7 +384,7 @@ def compute_features(
     array_bytes = n * featurizer.feature_dim * 4
     ensure_writable(folder, SPACE_SLACK_BYTES + (0 if (folder / FEATURES).exists() else array_bytes), "features")
     with hold_lock(folder / LOCK_FILE, on_wait=lambda: _say(
-            f"waiting for another process writing the {description} features {key} ({folder}); "
+            f"waiting for another process writing features {key} ({folder}); "
             "they will be reused when it finishes")):
         _write(featurizer, images, ids, identity, key, folder, progress, on_batch, description)
         return load_features(folder, identity)

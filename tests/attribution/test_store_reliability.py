@@ -141,7 +141,7 @@ def test_a_full_disk_at_creation_is_one_line_and_leaves_nothing(featurizer, imag
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(feature_store.os, "posix_fallocate", full)
-    with pytest.raises(OutputError, match=r"^cannot reserve 1\.4 KB for the features in .*: No space left on device$"):
+    with pytest.raises(OutputError, match=r"^cannot reserve 1\.2 KB for the features in .*: No space left on device$"):
         _compute(featurizer, images, tmp_path)
     folder = next(tmp_path.iterdir())
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no array, no temporary file, no manifest
@@ -149,10 +149,15 @@ def test_a_full_disk_at_creation_is_one_line_and_leaves_nothing(featurizer, imag
     assert _compute(featurizer, images, tmp_path).shape == (5, 64)
 
 
-def test_the_array_is_allocated_not_sparse(featurizer, images, tmp_path):
-    done = _compute(featurizer, images, tmp_path)
+@pytest.mark.parametrize("fallocate", [True, False])
+def test_the_array_is_allocated_not_sparse(fallocate, featurizer, images, tmp_path, monkeypatch):
+    if not fallocate:  # as on a system without posix_fallocate: the zeros are written
+        monkeypatch.delattr(feature_store.os, "posix_fallocate")
+    done = _compute(featurizer, images, tmp_path / "a")
     stat = os.stat(done.path / FEATURES)
     assert stat.st_blocks * 512 >= stat.st_size
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asarray(done.features), np.asarray(_compute(featurizer, images, tmp_path / "b").features))
 
 
 def _count_hashing(monkeypatch):

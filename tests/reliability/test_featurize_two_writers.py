@@ -50,7 +50,8 @@ def test_a_second_writer_waits_for_the_first_and_reuses_its_features(tiny_model_
     try:
         said = read_until(second.stderr, "waiting for another process writing")
         (folder,) = [p for p in cache.iterdir() if p.is_dir()]
-        assert f"features {folder.name} ({folder}); they will be reused when it finishes" in said
+        assert (f"waiting for another process writing features {folder.name} ({folder}); they will be reused "
+                "when it finishes\n") in said
         assert second.poll() is None and not (folder / MANIFEST).exists()  # waiting, nothing written
     finally:
         first.send_signal(signal.SIGCONT)
