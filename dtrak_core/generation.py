@@ -136,8 +136,9 @@ def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: Sam
     with hold_lock(out / LOCK_FILE, on_wait=lambda: print(
             f"waiting for another process writing samples in {out}; they will be reused", file=sys.stderr,
             flush=True)):
-        for stray in out.glob(".*.tmp"):  # left by a killed writer; we hold the lock, nobody writes them
-            stray.unlink(missing_ok=True)
+        for pattern in (".*.png.*.tmp", f".{SAMPLES_FILE}.*.tmp"):  # left by a killed writer (we hold the lock)
+            for stray in out.glob(pattern):
+                stray.unlink(missing_ok=True)
         index = _read_index(out, info)  # another writer may have finished while we waited
         todo = [s for s in wanted if not _verified(out, index, s)]
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
