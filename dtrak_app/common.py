@@ -20,7 +20,7 @@ import streamlit as st
 from PIL import Image
 
 from dtrak_app.card import upscale
-from dtrak_app.score_cache import ScoreCache, score_context, target_key
+from dtrak_app.score_cache import ScoreCache, model_hashes, score_context, target_key
 from dtrak_app.uploads import TargetError, prepare_upload
 from dtrak_core import jobs, paths, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
@@ -306,7 +306,7 @@ def score_cache(ctx: Context, method: Method, settings: FeatureSettings | None, 
     # The rule declares what its scores depend on (feature settings, lambda); the rest stays out of the key.
     lam_used = lam if "lambda" in method.key_fields else float("nan")
     fields = settings.key_fields() if settings is not None and "features" in method.key_fields else None
-    return ScoreCache(cache_root() / "scores", score_context(ctx.model.state_dict_hash, ctx.train.pixels_and_metadata_hash,
+    return ScoreCache(cache_root() / "scores", score_context(model_hashes(ctx.model), ctx.train.pixels_and_metadata_hash,
                                                              method.name, fields, lam_used))
 
 

@@ -7,7 +7,9 @@ seeds together therefore changes nothing.
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,12 +20,14 @@ from PIL import Image
 
 from dtrak_core import paths
 from dtrak_core.conventions import model_range_to_uint8
-from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.io import (ensure_writable, fault_point, hold_lock, sha256_bytes, sha256_file, write_bytes_atomic,
+                           write_json_atomic)
 from dtrak_core.models import pipeline_files_hash
 from dtrak_core.progress import progress_bar
 from dtrak_core.tasks import DiffusionTask, load_task
 
 SAMPLES_FILE = "samples.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -85,31 +89,70 @@ def default_samples_dir(files_hash: str, sampler: SamplerConfig) -> Path:
     return paths.cache_dir() / "samples" / files_hash[:16] / sampler.tag
 
 
+def _read_index(out: Path, info: dict) -> dict:
+    """The folder's ``samples.json`` (a fresh one when missing or unreadable); refuses another
+    model's or sampler's folder."""
+    try:
+        index = json.loads((out / SAMPLES_FILE).read_text())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):
+        return {**info, "seeds": [], "sha256": {}}
+    if index.get("model_hash") != info["model_hash"] or index.get("sampler") != info["sampler"]:
+        raise ValueError(f"{out} holds samples of another model or sampler; choose another --out")
+    if not isinstance(index.get("sha256"), dict):  # written before checksums: every image is unproven
+        index["sha256"] = {}
+    return index
+
+
+def _verified(out: Path, index: dict, seed: int) -> bool:
+    """Whether ``<seed>.png`` exists and hashes to what the index records for it."""
+    recorded = index["sha256"].get(str(seed))
+    path = out / f"{seed}.png"
+    return recorded is not None and path.is_file() and sha256_file(path) == recorded
+
+
 def generate_to_folder(model_dir: str | Path, seeds: Sequence[int], sampler: SamplerConfig,
                        out_dir: str | Path | None = None, batch_size: int = 64,
                        progress: bool = True) -> Path:
-    """Write ``<seed>.png`` for each seed plus ``samples.json`` (model hash, sampler, seeds).
+    """Write ``<seed>.png`` for each seed plus ``samples.json`` (model hash, sampler, ``seeds`` and
+    ``sha256``: seed -> sha256 of its PNG).
 
-    Seeds whose image is already in the folder are not sampled again (nor is the model loaded).
+    Seeds whose image is in the folder and matches its recorded sha256 are not sampled again
+    (nor is the model loaded): a torn, foreign or unrecorded image is sampled again, never
+    served. One writer per folder (an exclusive ``flock`` on ``<out>/.lock``; a second waits,
+    saying so on stderr); each image goes through a temporary file and a rename, and
+    ``samples.json`` records a batch's images after they are on disk.
     """
     sampler.validate()
     files_hash = pipeline_files_hash(model_dir)
     out = Path(out_dir) if out_dir is not None else default_samples_dir(files_hash, sampler)
-    out.mkdir(parents=True, exist_ok=True)
     info = {"model": str(model_dir), "model_hash": files_hash, "sampler": asdict(sampler)}
-    index_file = out / SAMPLES_FILE
-    index = json.loads(index_file.read_text()) if index_file.exists() else {**info, "seeds": []}
-    if index.get("model_hash") != info["model_hash"] or index.get("sampler") != info["sampler"]:
-        raise ValueError(f"{out} holds samples of another model or sampler; choose another --out")
-    todo = [int(s) for s in seeds if not (out / f"{int(s)}.png").exists()]
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    task = load_task(model_dir) if batches else None
-    for batch in progress_bar(batches, desc="generate", disable=not progress or not batches, unit="batch"):
-        for seed, image in zip(batch, to_pil(sample(task, batch, sampler))):
-            with atomic_path(out / f"{seed}.png") as tmp:
-                image.save(tmp, format="PNG")
-    index["seeds"] = sorted(set(index["seeds"]) | {int(s) for s in seeds})
-    write_json_atomic(index_file, index)
+    wanted = list(dict.fromkeys(int(s) for s in seeds))
+    index = _read_index(out, info)
+    if all(_verified(out, index, s) for s in wanted):
+        return out  # everything is there and intact: no lock, no writes
+    ensure_writable(out, 0, "samples")
+    with hold_lock(out / LOCK_FILE, on_wait=lambda: print(
+            f"waiting for another process writing samples in {out}; they will be reused", file=sys.stderr,
+            flush=True)):
+        for pattern in (".*.png.*.tmp", f".{SAMPLES_FILE}.*.tmp"):  # left by a killed writer (we hold the lock)
+            for stray in out.glob(pattern):
+                stray.unlink(missing_ok=True)
+        index = _read_index(out, info)  # another writer may have finished while we waited
+        todo = [s for s in wanted if not _verified(out, index, s)]
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        task = load_task(model_dir) if batches else None
+        for batch in progress_bar(batches, desc="generate", disable=not progress or not batches, unit="batch"):
+            for seed, image in zip(batch, to_pil(sample(task, batch, sampler))):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                write_bytes_atomic(out / f"{seed}.png", buffer.getvalue())
+                index["sha256"][str(seed)] = sha256_bytes(buffer.getvalue())
+                fault_point("samples.image")
+            # The index records the batch only now that its images are on disk.
+            index["seeds"] = sorted(int(s) for s in index["sha256"])
+            write_json_atomic(out / SAMPLES_FILE, index)
     return out
 
 

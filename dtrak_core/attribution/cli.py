@@ -19,14 +19,14 @@ from dtrak_core.attribution import dataset_features, loading, scorers
 from dtrak_core.attribution.feature_computers import DTYPES, FEATURE_COMPUTERS
 from dtrak_core.attribution.feature_store import StaleFeaturesError
 from dtrak_core.attribution.featurizer import DEVICES, FeatureSettings
-from dtrak_core.attribution.methods import METHODS, get_method, score_targets
+from dtrak_core.attribution.methods import METHODS, Method, get_method, score_targets
 from dtrak_core.attribution.output_functions import DEFAULT_OUTPUT_FUNCTION, OUTPUT_FUNCTIONS
 from dtrak_core.attribution.projectors import PROJECTORS
 from dtrak_core.attribution.results import scores_to_long_table
 from dtrak_core.cli_options import add_field_option
 from dtrak_core.conventions import DEFAULT_LAMBDA
 from dtrak_core.datasets.imagefolder import DatasetError
-from dtrak_core.io import atomic_path
+from dtrak_core.io import atomic_path, ensure_writable
 from dtrak_core.models import ModelError
 
 SCORERS = tuple(METHODS) + ("pixel-cosine",)  # "pixel-cosine": the old name of "pixel"
@@ -71,6 +71,11 @@ def _add_feature_options(parser: argparse.ArgumentParser, output_fn: str | None 
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_resize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resize", action="store_true",
+                        help="resize images whose size differs from the model's (default: refuse them)")
+
+
 def settings_from_args(args: argparse.Namespace) -> FeatureSettings:
     """FeatureSettings from the options ``_add_feature_options`` made (each named as its field)."""
     values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(FeatureSettings)}
@@ -93,6 +98,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="keep only rows with this 'split' value")
     p.add_argument("--training-set", action="store_true",
                    help="featurize exactly the model's training images (selected as its recipe.json says)")
+    _add_resize_option(p)
     _add_feature_options(p)
     p.set_defaults(func=cmd_featurize)
 
@@ -116,6 +122,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--top", type=int, default=None, help="keep only the top N rows per target")
     s.add_argument("--out", required=True, type=Path,
                    help="output path without suffix; writes OUT.parquet and OUT.csv")
+    _add_resize_option(s)
     _add_feature_options(s, output_fn=None)
     s.set_defaults(func=cmd_score)
 
@@ -140,14 +147,27 @@ def _featurize(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     model = loading.load_model(args.model)
     if args.training_set:
-        dataset = loading.load_training_set(model, args.data)
+        dataset = loading.load_training_set(model, args.data, resize=args.resize)
     elif args.data is None:
         raise CliError("give --data FOLDER or --training-set (the model's own training images)")
     else:
-        dataset = loading.load_dataset_for(model, args.data, args.split)
+        dataset = loading.load_dataset_for(model, args.data, args.split, resize=args.resize)
+    # The store checks its folder (writable, n * k * 4 bytes free) before the first gradient.
     features = dataset_features.featurize(model, dataset, settings, args.cache_dir, not args.no_progress)
     print(f"{features.shape[0]} x {features.shape[1]} features in {features.path}")
     return 0
+
+
+#: Room per table row for OUT.csv and OUT.parquet together (a CSV row of long file names is
+#: about 120 bytes, its parquet copy less), so the free-space check errs on the safe side.
+TABLE_BYTES_PER_ROW = 256
+
+
+def _table_bytes(args: argparse.Namespace, method: Method, num_targets: int, num_train: int) -> int:
+    """Estimated size of the score tables: one row per (lambda, target, kept training image)."""
+    lambdas = len(args.lambdas) if method.uses_lambda else 1
+    kept = min(args.top, num_train) if args.top is not None else num_train
+    return lambdas * num_targets * kept * TABLE_BYTES_PER_ROW
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -158,15 +178,18 @@ def _score(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 1:
         raise CliError(f"--top {args.top} must be at least 1")
     settings = method.feature_settings(settings_from_args(args), args.output_fn)
+    out = Path(args.out)
+    ensure_writable(out.parent, 0, "scores")  # a read-only --out fails now, not after the work
     models = [loading.load_model(m) for m in args.model]
     if args.training_set:
-        train = loading.load_training_set(models[0], args.train, args.label_column)
+        train = loading.load_training_set(models[0], args.train, args.label_column, resize=args.resize)
     elif args.train is None:
         raise CliError("give --train FOLDER or --training-set (the model's own training images)")
     else:
-        train = loading.load_dataset_for(models[0], args.train, args.train_split, args.label_column)
-    targets = loading.load_dataset_for(models[0], args.targets, args.target_split, None)
+        train = loading.load_dataset_for(models[0], args.train, args.train_split, args.label_column, args.resize)
+    targets = loading.load_dataset_for(models[0], args.targets, args.target_split, None, args.resize)
     target_names = targets.metadata["file_name"].astype(str).tolist()
+    ensure_writable(out.parent, _table_bytes(args, method, len(targets), len(train)), "scores")
     matrices = score_targets(method, models, train, targets.images, settings, args.lambdas,
                              args.cache_dir, not args.no_progress, seed=args.seed)
 
@@ -179,7 +202,6 @@ def _score(args: argparse.Namespace) -> int:
         frames.append(table)
     table = pd.concat(frames, ignore_index=True)
     table.insert(3, "scorer", args.scorer)
-    out = Path(args.out)
     with atomic_path(out.with_suffix(".parquet")) as tmp:
         table.to_parquet(tmp, index=False)
     with atomic_path(out.with_suffix(".csv")) as tmp:

@@ -50,8 +50,11 @@ def test_a_decompression_bomb_is_refused_before_decoding():
         prepare_upload(bomb, 16, "bomb.png")
 
 
+MODEL = {"model_weights_sha256": "m", "scheduler_sha256": "s", "noise_schedule_sha256": "b"}
+
+
 def test_score_cache_round_trip_and_reverse_lookup(tmp_path):
-    cache = ScoreCache(tmp_path, score_context("m", "d", "dtrak", {"k": 8}, 10.0))
+    cache = ScoreCache(tmp_path, score_context(MODEL, "d", "dtrak", {"k": 8}, 10.0))
     images = [np.full((4, 4, 3), i, np.uint8) for i in range(3)]
     vectors = [np.array([3.0, 1.0, 2.0]), np.array([0.0, 5.0, 1.0]), np.array([2.0, 1.0, 9.0])]
     for i, (image, scores) in enumerate(zip(images, vectors)):
@@ -62,7 +65,7 @@ def test_score_cache_round_trip_and_reverse_lookup(tmp_path):
     assert lookup["label"].tolist() == ["seed 0", "seed 2", "seed 1"]
     assert lookup["rank"].tolist() == [1, 2, 3]
     assert (np.asarray(cache.image(target_key(images[2]))) == 2).all()
-    other = ScoreCache(tmp_path, score_context("m", "d", "dtrak", {"k": 8}, 100.0))
+    other = ScoreCache(tmp_path, score_context(MODEL, "d", "dtrak", {"k": 8}, 100.0))
     assert other.folder != cache.folder and other.targets() == []
     with pytest.raises(ValueError, match="train index 7 is outside 0..2"):
         cache.reverse_lookup(7)

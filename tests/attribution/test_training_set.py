@@ -6,9 +6,10 @@ import shutil
 import pytest
 
 from tests.attribution.conftest import synthetic_images, write_image_folder
-from dtrak_core.attribution.loading import load_model, load_training_set
+from dtrak_core.attribution.loading import load_dataset_for, load_model, load_training_set
 from dtrak_core.datasets import DatasetError
 from dtrak_core.models import RECIPE_FILE
+from dtrak_core.training import select_training_rows
 
 
 def add_recipe(model_dir, data_dir, config_extra=None, train_files=None):
@@ -76,3 +77,46 @@ def test_cli_featurize_and_score_the_recipe_selection(model_dir, tmp_path, capsy
     assert len(table) == 6 * 3 and set(table["scorer"]) == {"trak"}
     assert main(["featurize", "--model", str(model_dir), *fast]) == 2
     assert "give --data FOLDER or --training-set" in capsys.readouterr().err
+
+
+def _recipe_with_hash(model_dir, data, train_files):
+    """A recipe as the trainer writes it: with the data hash of the selected rows."""
+    add_recipe(model_dir, data, train_files=train_files)
+    recipe = json.loads((model_dir / RECIPE_FILE).read_text())
+    recipe["data_hash"] = load_training_set(load_model(model_dir)).pixels_and_metadata_hash
+    (model_dir / RECIPE_FILE).write_text(json.dumps(recipe))
+    return recipe["data_hash"]
+
+
+def test_one_changed_pixel_of_the_training_set_is_refused(model_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from dtrak_core.cli import main
+
+    data = write_image_folder(tmp_path / "data", synthetic_images(6))
+    recorded = _recipe_with_hash(model_dir, data, ["img_001.png", "img_003.png", "img_005.png"])
+    assert len(load_training_set(load_model(model_dir))) == 3
+    # A pixel outside the selection changes nothing; one inside it is refused.
+    other = np.asarray(Image.open(data / "img_000.png")).copy()
+    other[0, 0] ^= 1
+    Image.fromarray(other).save(data / "img_000.png")
+    assert len(load_training_set(load_model(model_dir))) == 3
+    image = np.asarray(Image.open(data / "img_003.png")).copy()
+    image[5, 7, 1] ^= 1
+    Image.fromarray(image).save(data / "img_003.png")
+    actual = select_training_rows(load_dataset_for(load_model(model_dir), data), json.loads(
+        (model_dir / RECIPE_FILE).read_text())["config"]).pixels_and_metadata_hash
+    with pytest.raises(DatasetError) as error:
+        load_training_set(load_model(model_dir))
+    message = str(error.value)
+    assert message.startswith(f"the training images selected from {data} differ from those the model in {model_dir} "
+                              f"was trained on: its {RECIPE_FILE} records data hash {recorded[:16]}, the folder gives "
+                              f"{actual[:16]} (pixels or metadata.csv changed)")
+    assert message.endswith("; restore the data it was trained on") and "\n" not in message and actual != recorded
+    cache = tmp_path / "cache"
+    code = main(["featurize", "--model", str(model_dir), "--training-set", "-K", "1", "-k", "64", "--device", "cpu",
+                 "--no-progress", "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {message}\n"
+    assert not cache.exists()  # refused before any feature was computed
