@@ -31,7 +31,7 @@ import torch
 import dtrak_core
 from dtrak_core import paths
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
-from dtrak_core.hashing import betas_hash, state_dict_hash
+from dtrak_core.hashing import betas_hash
 from dtrak_core.io import atomic_path, sha256_json, write_json_atomic
 from dtrak_core.progress import progress_bar
 
@@ -143,6 +143,7 @@ def compute_features(
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
     description: str = "features",
+    captions: Sequence[str] | None = None,
 ) -> FeatureSet:
     """Features of ``images`` (N, C, H, W) in [-1, 1], from the cache or computed (resuming).
 
@@ -153,6 +154,7 @@ def compute_features(
         root: store root (default ``paths.features_dir()``).
         model_hash, sched_hash: precomputed hashes (computed from the featurizer's model otherwise).
         on_batch: called with (rows_done, N) after each stored batch.
+        captions: one per image, for text-conditioned models (part of ``dataset_hash``'s data).
     """
     n = len(images)
     if n == 0:
@@ -161,7 +163,7 @@ def compute_features(
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for {n} images; expected one id per image")
     root = Path(root) if root is not None else paths.features_dir()
-    model_hash = model_hash or state_dict_hash(featurizer.model)
+    model_hash = model_hash or featurizer.task.content_hash()
     identity = feature_identity(model_hash, sched_hash or "", dataset_hash, featurizer.settings, ids,
                                 betas_hash(featurizer.schedule))
     key = feature_key(identity)
@@ -195,7 +197,7 @@ def compute_features(
     start = int(manifest["rows_done"])
     bar = progress_bar(total=n, initial=start, desc=description, unit="img", disable=not progress)
     try:
-        for lo, hi, features in featurizer.iter_features(images, ids, start=start):
+        for lo, hi, features in featurizer.iter_features(images, ids, start=start, captions=captions):
             store[lo:hi] = features
             store.flush()  # rows reach the disk before the manifest counts them
             manifest.update(rows_done=hi, batches_done=int(manifest["batches_done"]) + 1, updated=_now())
