@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from dtrak_core.io import write_json_atomic
+from dtrak_core.io import atomic_path, write_json_atomic
 from dtrak_core.tasks.base import ModelError
 
 #: The adapter name inside the UNet (peft's default): parameters are ``...lora_A.default.weight``.
@@ -131,7 +131,9 @@ def attach_adapter(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, 
 
 
 def _attach_diffusers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, files: AdapterFiles) -> int:
-    from diffusers import StableDiffusionPipeline
+    from dtrak_core.tasks.text_to_image import sd_pipeline_class
+
+    StableDiffusionPipeline = sd_pipeline_class()
 
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
         str(files.weights.parent), weight_name=files.weights.name, local_files_only=True,
@@ -192,19 +194,24 @@ def _jsonable(value):
 
 
 def save_adapter(unet: torch.nn.Module, folder: str | Path) -> Path:
-    """Write the UNet's adapter as diffusers' ``pytorch_lora_weights.safetensors`` (with its LoRA
-    config as metadata, so ``pipe.load_lora_weights(folder)`` restores alpha too) into ``folder``."""
-    from diffusers import StableDiffusionPipeline
+    """Write the UNet's adapter as diffusers' ``pytorch_lora_weights.safetensors`` into ``folder``
+    (atomically), with its LoRA config as metadata so ``pipe.load_lora_weights(folder)`` restores
+    alpha too; the config's sets are sorted, so the same adapter always gives the same bytes."""
     from peft.utils import get_peft_model_state_dict
+
+    from dtrak_core.tasks.text_to_image import sd_pipeline_class
 
     if adapter_config(unet) is None:
         raise LoraError("the UNet holds no adapter to save")
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
-    with _quiet_diffusers():
-        StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state,
-                                                  unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
-                                                  safe_serialization=True)
-    return Path(folder) / DIFFUSERS_WEIGHTS
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in unet.peft_config[ADAPTER_NAME].to_dict().items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet_diffusers(), atomic_path(folder / DIFFUSERS_WEIGHTS) as tmp:
+        sd_pipeline_class().save_lora_weights(str(tmp.parent), unet_lora_layers=state, weight_name=tmp.name,
+                                              unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    return folder / DIFFUSERS_WEIGHTS
 
 
 def write_base(adapter_dir: str | Path, base_dir: str | Path, base_hash: str | None) -> None:

@@ -77,7 +77,24 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def _config_json(module: torch.nn.Module) -> dict:
-    return json.loads(json.dumps(dict(module.config), sort_keys=True, default=str))
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "_diffusers_version")}
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def sd_pipeline_class():
+    """diffusers' ``StableDiffusionPipeline``, imported without transformers' notes about optional
+    image-processor backends, and with its per-load progress bars off (they only clutter output)."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers_logging.set_verbosity(level)
+    transformers_logging.disable_progress_bar()
+    return StableDiffusionPipeline
 
 
 def pipeline_folder_hash(folder: str | Path) -> str:
@@ -143,8 +160,7 @@ class TextToImageTask(DiffusionTask):
 
     @classmethod
     def _load_pipeline(cls, model_dir: Path) -> "TextToImageTask":
-        from diffusers import StableDiffusionPipeline
-
+        StableDiffusionPipeline = sd_pipeline_class()
         try:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 model_dir, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
@@ -172,7 +188,7 @@ class TextToImageTask(DiffusionTask):
 
     def pipeline(self):
         """The diffusers ``StableDiffusionPipeline`` of these components (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
+        StableDiffusionPipeline = sd_pipeline_class()
 
         return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                                        unet=self.denoiser, scheduler=self.scheduler, safety_checker=None,
