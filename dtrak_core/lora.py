@@ -41,6 +41,8 @@ BASE_FILE = "base_model.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+#: diffusers' safetensors metadata key for the LoRA config (``lora_base.LORA_ADAPTER_METADATA_KEY``).
+METADATA_KEY = "lora_adapter_metadata"
 #: The attention projections of a UNet2DConditionModel that LoRA fine-tunes adapt by default.
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -195,22 +197,26 @@ def _jsonable(value):
 
 def save_adapter(unet: torch.nn.Module, folder: str | Path) -> Path:
     """Write the UNet's adapter as diffusers' ``pytorch_lora_weights.safetensors`` into ``folder``
-    (atomically), with its LoRA config as metadata so ``pipe.load_lora_weights(folder)`` restores
-    alpha too; the config's sets are sorted, so the same adapter always gives the same bytes."""
-    from peft.utils import get_peft_model_state_dict
+    (atomically): keys ``unet.<module>.lora_A.weight``, and the LoRA config as diffusers' JSON
+    metadata (``lora_adapter_metadata``), so ``pipe.load_lora_weights(folder)`` restores alpha too.
 
-    from dtrak_core.tasks.text_to_image import sd_pipeline_class
+    Written here rather than by ``save_lora_weights``, which adds a second metadata key: safetensors
+    stores metadata in a hash map whose order changes from process to process, and the same
+    adapter must always give the same bytes (a resumed run is compared file by file).
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     if adapter_config(unet) is None:
         raise LoraError("the UNet holds no adapter to save")
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
-    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+    state = {f"unet.{k}": v.detach().contiguous()
+             for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    metadata = {f"unet.{k}": sorted(v) if isinstance(v, (set, frozenset)) else v
                 for k, v in unet.peft_config[ADAPTER_NAME].to_dict().items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _quiet_diffusers(), atomic_path(folder / DIFFUSERS_WEIGHTS) as tmp:
-        sd_pipeline_class().save_lora_weights(str(tmp.parent), unet_lora_layers=state, weight_name=tmp.name,
-                                              unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    with atomic_path(folder / DIFFUSERS_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
     return folder / DIFFUSERS_WEIGHTS
 
 
