@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dtrak_core import bench, paths
+from dtrak_core import bench, paths, training_sd
 from dtrak_core.attribution import cli as attribution_cli
 from dtrak_core.cli_options import add_field_option
 from dtrak_core.datasets import load_image_folder
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribution_cli.add_subcommands(sub)  # featurize, score
     bench.add_subcommand(sub)  # bench (after score: the order of --help is unchanged)
     evaluation_cli.add_subcommands(sub)  # lds build|attribute|score|report, counterfactual
+    training_sd.add_subcommands(sub)  # train-sd, train-lora
     return parser
 
 

@@ -60,6 +60,14 @@ def sample(task: DiffusionTask, seeds: Sequence[int], sampler: SamplerConfig = S
     and sample predictions themselves); ``task.to_images`` turns the final x0 into pixels
     (identity for pixel models). ``condition``: (len(seeds), ...) or None.
     """
+    return task.to_images(sample_latents(task, seeds, sampler, condition, progress)).clamp(-1, 1).cpu()
+
+
+@torch.no_grad()
+def sample_latents(task: DiffusionTask, seeds: Sequence[int], sampler: SamplerConfig = SamplerConfig(),
+                   condition: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """The final x0 (len(seeds), *input_shape) of :func:`sample`, before ``to_images`` (latents
+    for latent models: a generated target keeps them rather than re-encoding its image)."""
     sampler.validate()
     device = task.device
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -76,7 +84,7 @@ def sample(task: DiffusionTask, seeds: Sequence[int], sampler: SamplerConfig = S
             x = steps_scheduler.step(prediction, t, x, eta=sampler.eta, generator=generators).prev_sample
         else:
             x = steps_scheduler.step(prediction, t, x, generator=generators).prev_sample
-    return task.to_images(x).clamp(-1, 1).cpu()
+    return x
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -26,7 +26,7 @@ def featurize(model: LoadedModel, dataset: ImageFolderDataset, settings: Feature
     featurizer = featurizer or Featurizer.create(model.task, settings)
     return compute_features(featurizer, dataset.to_tensor(), dataset.pixels_and_metadata_hash, root=root,
                             model_hash=model.state_dict_hash, sched_hash=model.scheduler_config_hash,
-                            progress=progress, description=description)
+                            progress=progress, description=description, captions=model.task.captions_for(dataset))
 
 
 def featurize_folder(model_dir: str | Path, data_dir: str | Path, settings: FeatureSettings,
@@ -59,7 +59,7 @@ def feature_status(model: LoadedModel, dataset: ImageFolderDataset, settings: Fe
     """Whether :func:`featurize` would find the features of ``dataset`` ready (cheap: hashes of the
     inputs, and of the stored rows when they claim to be complete; see ``feature_store``)."""
     identity = feature_identity(model.state_dict_hash, model.scheduler_config_hash,
-                                dataset.pixels_and_metadata_hash, settings, range(len(dataset)),
+                                dataset.pixels_and_metadata_hash, settings.for_model(model.unet), range(len(dataset)),
                                 betas_hash(model.task.schedule))
     key = feature_key(identity)
     folder = (Path(root) if root is not None else paths.features_dir()) / key

@@ -50,7 +50,7 @@ import torch
 import dtrak_core
 from dtrak_core import paths
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
-from dtrak_core.hashing import betas_hash, state_dict_hash
+from dtrak_core.hashing import betas_hash
 from dtrak_core.io import (OutputError, atomic_path, ensure_writable, fault_point, format_bytes, hold_lock,
                            sha256_json, write_json_atomic)
 from dtrak_core.progress import progress_bar
@@ -350,6 +350,7 @@ def compute_features(
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
     description: str = "features",
+    captions: Sequence[str] | None = None,
 ) -> FeatureSet:
     """Features of ``images`` (N, C, H, W) in [-1, 1], from the cache or computed (resuming).
 
@@ -364,6 +365,7 @@ def compute_features(
         root: store root (default ``paths.features_dir()``).
         model_hash, sched_hash: precomputed hashes (computed from the featurizer's model otherwise).
         on_batch: called with (rows stored, N) after each stored batch.
+        captions: one per image, for text-conditioned models (part of ``dataset_hash``'s data).
     """
     n = len(images)
     if n == 0:
@@ -372,7 +374,7 @@ def compute_features(
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for {n} images; expected one id per image")
     root = Path(root) if root is not None else paths.features_dir()
-    model_hash = model_hash or state_dict_hash(featurizer.model)
+    model_hash = model_hash or featurizer.task.content_hash()
     identity = feature_identity(model_hash, sched_hash or "", dataset_hash, featurizer.settings, ids,
                                 betas_hash(featurizer.schedule))
     key = feature_key(identity)
@@ -386,12 +388,13 @@ def compute_features(
     with hold_lock(folder / LOCK_FILE, on_wait=lambda: _say(
             f"waiting for another process writing features {key} ({folder}); "
             "they will be reused when it finishes")):
-        _write(featurizer, images, ids, identity, key, folder, progress, on_batch, description)
+        _write(featurizer, images, ids, identity, key, folder, progress, on_batch, description, captions)
         return load_features(folder, identity)
 
 
 def _write(featurizer: Featurizer, images: torch.Tensor, ids: list[int], identity: dict, key: str,
-           folder: Path, progress: bool, on_batch: Callable[[int, int], None] | None, description: str) -> None:
+           folder: Path, progress: bool, on_batch: Callable[[int, int], None] | None, description: str,
+           captions: Sequence[str] | None = None) -> None:
     """Under the key's lock: complete the store, computing only rows without a verified batch."""
     n, k = len(images), featurizer.feature_dim
     _remove_temporaries(folder)
@@ -423,7 +426,8 @@ def _write(featurizer: Featurizer, images: torch.Tensor, ids: list[int], identit
     bar = progress_bar(total=n, initial=manifest["rows_done"], desc=description, unit="img", disable=not progress)
     try:
         for start, stop in todo:
-            for lo, hi, features in featurizer.iter_features(images[:stop], ids[:stop], start=start):
+            for lo, hi, features in featurizer.iter_features(images[:stop], ids[:stop], start=start,
+                                                               captions=None if captions is None else captions[:stop]):
                 store[lo:hi] = features
                 store.flush()  # rows reach the disk before the manifest counts them
                 fault_point("features.batch")

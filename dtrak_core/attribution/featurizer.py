@@ -11,7 +11,7 @@ features do not depend on them (up to float rounding): the noise of a sample is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -31,6 +31,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: The feature computer of format-1 features (before computers were pluggable): its name does not
 #: enter the cache key, so features computed before stay valid.
 DEFAULT_COMPUTER = "per-sample-gradients"
+#: The parameter selection "the model's own": LoRA parameters when it has any, else all (resolved
+#: by :meth:`FeatureSettings.for_model` before features are computed or keyed).
+AUTO_PARAMS = "auto"
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,9 @@ class FeatureSettings:
     sparsity: int = field(default=4, metadata={
         "flags": ("--sparsity",), "help": "buckets per coordinate for sjlt"})
     seed: int = field(default=0, metadata={"flags": ("--seed",), "help": "seed of noise and projection"})
-    params: str = field(default="all", metadata={
-        "flags": ("--params",), "help": "parameters to differentiate: all, lora, re:<regex> or a name substring"})
+    params: str = field(default=AUTO_PARAMS, metadata={
+        "flags": ("--params",), "help": "parameters to differentiate: auto (lora for a model with a LoRA "
+                                        "adapter, else all), all, lora, re:<regex> or a name substring"})
     batch_size: int = field(default=16, metadata={"flags": ("--batch-size",), "help": "samples per batch"})
     timestep_chunk: int = field(default=10, metadata={
         "flags": ("--timestep-chunk",), "help": "timesteps per sample evaluated together (memory ~ batch * chunk)"})
@@ -105,6 +109,15 @@ class FeatureSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_model(self, model: torch.nn.Module) -> "FeatureSettings":
+        """These settings with ``params="auto"`` resolved for ``model``: "lora" when it has LoRA
+        parameters (an adapter model: its fine-tune is what attribution asks about), else "all".
+        The one place of that default; feature keys are made from the resolved settings."""
+        if self.params != AUTO_PARAMS:
+            return self
+        has_lora = any("lora" in name.lower() for name, _ in model.named_parameters())
+        return replace(self, params="lora" if has_lora else "all")
 
     def key_fields(self) -> dict:
         """The settings that change the feature values (the cache key uses these)."""
@@ -149,6 +162,7 @@ class Featurizer:
     @classmethod
     def create(cls, task: DiffusionTask, settings: FeatureSettings) -> "Featurizer":
         device = resolve_device(settings.device)
+        settings = settings.for_model(task.denoiser)
         task.to(device)
         model = task.denoiser.eval()
         make_vmap_friendly(model)
@@ -184,9 +198,19 @@ class Featurizer:
         return self.computer.num_parameters
 
     def _inputs_and_noise(self, batch: Batch) -> tuple[DiffusionInputs, torch.Tensor]:
-        inputs = self.task.prepare(batch)
+        return self._noise_for(self.task.prepare(batch))
+
+    def _noise_for(self, inputs: DiffusionInputs) -> tuple[DiffusionInputs, torch.Tensor]:
         noise = batch_noise(self.settings.seed, inputs.sample_ids, self.timesteps, tuple(inputs.x0.shape[1:]))
         return inputs, noise.to(self.device)
+
+    def featurize_inputs(self, inputs: DiffusionInputs) -> np.ndarray:
+        """phi for prepared inputs (x0 and condition already made, e.g. a generated target's
+        latents and prompt embedding) -> float32 (B, k)."""
+        inputs = DiffusionInputs(inputs.x0.to(self.device), None if inputs.condition is None
+                                 else inputs.condition.to(self.device), list(inputs.sample_ids))
+        features = self.computer.compute(*self._noise_for(inputs))
+        return features.cpu().numpy().astype(np.float32, copy=False)
 
     def gradients(self, images: torch.Tensor, sample_ids: Sequence[int]) -> dict[str, torch.Tensor]:
         """Timestep-averaged per-sample gradients (unprojected) for images (B, C, H, W) in [-1, 1]
@@ -207,9 +231,11 @@ class Featurizer:
         return self.featurize(Batch(images, list(sample_ids)))
 
     def iter_features(self, images: torch.Tensor, sample_ids: Sequence[int] | None = None,
-                      start: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield (start, stop, features) batch by batch over rows ``start..`` of ``images`` (N, C, H, W)."""
+                      start: int = 0, captions: Sequence[str] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (start, stop, features) batch by batch over rows ``start..`` of ``images`` (N, C, H, W)
+        (with their ``captions``, one per row, for text-conditioned models)."""
         ids = list(range(len(images))) if sample_ids is None else list(sample_ids)
         for lo in range(start, len(images), self.settings.batch_size):
             hi = min(lo + self.settings.batch_size, len(images))
-            yield lo, hi, self.featurize_batch(images[lo:hi], ids[lo:hi])
+            texts = None if captions is None else list(captions[lo:hi])
+            yield lo, hi, self.featurize(Batch(images[lo:hi], ids[lo:hi], texts))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dtrak_core.datasets.imagefolder import DatasetError, ImageFolderDataset, load_image_folder
-from dtrak_core.hashing import scheduler_config_hash, state_dict_hash
+from dtrak_core.hashing import scheduler_config_hash
 from dtrak_core.models import RECIPE_FILE
 from dtrak_core.tasks import DiffusionTask, load_task
 from dtrak_core.training import read_recipe, resolve_data_dir, select_training_rows
@@ -23,7 +23,9 @@ from dtrak_core.training import read_recipe, resolve_data_dir, select_training_r
 @dataclass
 class LoadedModel:
     """A pipeline folder loaded as its task (``dtrak_core.tasks``), with the hashes of its
-    denoiser's tensors and of its scheduler's config (what features are keyed by)."""
+    content (``DiffusionTask.content_hash``: the denoiser's tensors; for latent text-to-image
+    models also the VAE, text encoder, tokenizer and adapter) and of its scheduler's config
+    (what features are keyed by)."""
 
     path: Path
     task: DiffusionTask
@@ -41,13 +43,13 @@ class LoadedModel:
     @property
     def sample_size(self) -> int:
         """The side of the images the model takes (square images only)."""
-        return int(self.task.input_shape[-1])
+        return int(self.task.image_size)
 
 
 def load_model(model_dir: str | Path) -> LoadedModel:
     """Load a pipeline folder as its task (``ModelError`` if no task loads it) and hash it."""
     task = load_task(model_dir)
-    return LoadedModel(Path(model_dir), task, state_dict_hash(task.denoiser), scheduler_config_hash(task.scheduler))
+    return LoadedModel(Path(model_dir), task, task.content_hash(), scheduler_config_hash(task.scheduler))
 
 
 def load_dataset_for(model: LoadedModel, data_dir: str | Path, split: str | None = None,
@@ -67,6 +69,7 @@ def check_dataset_fits(dataset: ImageFolderDataset, model: LoadedModel) -> None:
         raise DatasetError(f"images in {dataset.root} are {dataset.image_size}x{dataset.image_size} but "
                            f"the model in {model.path} expects {model.sample_size}x{model.sample_size}; "
                            "--resize (CLI) or resize=True resizes them")
+    model.task.captions_for(dataset)  # a text-conditioned model: every row needs its caption column
 
 
 def load_training_set(model: LoadedModel, data_dir: str | Path | None = None,

@@ -19,11 +19,13 @@ from pathlib import Path
 from dtrak_core.plugins import Registry
 from dtrak_core.tasks.base import Batch, DiffusionInputs, DiffusionTask, ModelError
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
+from dtrak_core.tasks.text_to_image import TextToImageTask
 from dtrak_core.tasks.unconditional import UnconditionalPixelTask
 from dtrak_core.training_run import RunError, check_finished, refuse_unfinished
 
 TASKS: Registry[type[DiffusionTask]] = Registry("model family (pipeline class)")
 TASKS.register(UnconditionalPixelTask.pipeline_class)(UnconditionalPixelTask)
+TASKS.register(TextToImageTask.pipeline_class)(TextToImageTask)
 
 
 def pipeline_class_name(model_dir: str | Path) -> str:
@@ -32,6 +34,11 @@ def pipeline_class_name(model_dir: str | Path) -> str:
     index = model_dir / "model_index.json"
     if not model_dir.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist")
+    from dtrak_core.lora import read_base  # an adapter folder: the class of the base it names
+
+    base = read_base(model_dir) if not index.exists() else None
+    if base is not None:
+        return pipeline_class_name(base[0])
     if not index.exists():
         raise ModelError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     try:
@@ -73,4 +80,5 @@ def load_task(model_dir: str | Path) -> DiffusionTask:
 
 
 __all__ = ["Batch", "DiffusionInputs", "DiffusionTask", "ModelError", "TASKS", "PREDICTION_TYPES",
-           "UnconditionalPixelTask", "check_model_folder", "load_task", "task_class_for", "pipeline_class_name"]
+           "UnconditionalPixelTask", "TextToImageTask", "check_model_folder", "load_task", "task_class_for",
+           "pipeline_class_name"]

@@ -150,6 +150,23 @@ class DiffusionTask(ABC):
         """
         return x0
 
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images the model takes: x0's side for pixel models."""
+        return int(self.input_shape[-1])
+
+    def captions_for(self, dataset) -> Sequence[str] | None:
+        """The captions a dataset's rows are conditioned on (None: the family uses none)."""
+        return None
+
+    def content_hash(self) -> str:
+        """sha256 of everything of the model that changes a feature, for cache keys. Default: the
+        denoiser's tensors (``hashing.state_dict_hash``); families with more parts (a VAE, a text
+        encoder, a tokenizer, an adapter) hash them too."""
+        from dtrak_core.hashing import state_dict_hash
+
+        return state_dict_hash(self.denoiser)
+
     def with_denoiser(self, denoiser: torch.nn.Module) -> "DiffusionTask":
         """The same family and scheduler around another denoiser (a copy, a checkpoint, a fresh init)."""
         return type(self)(denoiser, self.scheduler)

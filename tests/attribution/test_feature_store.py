@@ -101,7 +101,7 @@ def test_cached_features_are_reused_and_stale_ones_refused(tiny_unet, scheduler,
     # One changed weight: another key, and the old folder refuses the new identity.
     def identity():
         return feature_identity(state_dict_hash(tiny_unet), scheduler_config_hash(scheduler),
-                                float_tensor_hash(images), SETTINGS, range(5), betas_hash(featurizer.schedule))
+                                float_tensor_hash(images), featurizer.settings, range(5), betas_hash(featurizer.schedule))
 
     assert feature_key(identity()) == first.key
     with torch.no_grad():
