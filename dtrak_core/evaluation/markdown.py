@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dtrak_core.io import atomic_path
+from dtrak_core.evaluation.units import write_atomic
 
 #: Hand-written discussion beside a build's results (``<build>/notes.md``), copied into its report.
 NOTES_FILE = "notes.md"
@@ -20,9 +20,10 @@ def notes_section(results_dir: Path) -> list[str]:
     return ["", notes.read_text().strip()] if notes.exists() else []
 
 
-def write_markdown(out_path: str | Path, lines: list[str]) -> Path:
-    """Write ``lines`` joined by newlines to ``out_path`` atomically (readers never see half a file)."""
+def write_markdown(out_path: str | Path, lines: list[str], point: str = "report") -> Path:
+    """Write ``lines`` joined by newlines to ``out_path`` atomically (readers never see half a file);
+    ``point``: the write's fault point."""
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        tmp.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    write_atomic(out_path, lambda tmp: tmp.write_text(text), point)
     return out_path
