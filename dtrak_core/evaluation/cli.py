@@ -16,11 +16,12 @@ from dtrak_core.cli_options import add_field_option, field_default
 from dtrak_core.conventions import DEFAULT_PROJECTION_DIM
 from dtrak_core.datasets.imagefolder import DatasetError
 from dtrak_core.evaluation.counterfactual import (RESULT_BYTES, CounterfactualConfig, counterfactual_experiment,
-                                                  models_root, resolve_k, stored_result)
+                                                  models_root, report_lock_path, resolve_k, stored_result)
 from dtrak_core.evaluation.counterfactual import write_report as write_counterfactual_report
 from dtrak_core.evaluation.embeddings import load_embedder
 from dtrak_core.evaluation.lds.build import build_lds
 from dtrak_core.evaluation.lds.config import RESULTS_DIR, LdsBuildConfig
+from dtrak_core.evaluation.lds.report import report_lock_path as lds_report_lock_path
 from dtrak_core.evaluation.lds.report import write_report as write_lds_report
 from dtrak_core.evaluation.lds.scores import (DEFAULT_BATCH_SIZE, DEFAULT_GRID, DEFAULT_LAMBDAS, compute_scores,
                                               evaluate, evaluate_matrix, get_entry, load_scores)
@@ -219,7 +220,7 @@ def _lds_score(args: argparse.Namespace) -> int:
     if args.report:
         command = (f"python -m dtrak_core lds score --build {shlex.quote(str(args.build))} "
                    f"--report {shlex.quote(str(args.report))}")
-        write_lds_report(args.build, args.report, command)
+        write_lds_report(args.build, args.report, command, lock=lds_report_lock_path(args.build))
         print(f"wrote {args.report}")
     return 0
 
@@ -228,7 +229,7 @@ def _lds_report(args: argparse.Namespace) -> int:
     command = (f"python -m dtrak_core lds score --build {shlex.quote(str(args.build))} && "
                f"python -m dtrak_core lds report --build {shlex.quote(str(args.build))} "
                f"--out {shlex.quote(str(args.out))}")
-    write_lds_report(args.build, args.out, command)
+    write_lds_report(args.build, args.out, command, lock=lds_report_lock_path(args.build))
     print(f"wrote {args.out}")
     return 0
 
@@ -285,6 +286,6 @@ def _counterfactual(args: argparse.Namespace) -> int:
                    + (f" --k {args.k}" if args.k else "")
                    + (f" --embedding-model {shlex.quote(str(args.embedding_model))}" if args.embedding_model else "")
                    + f" --report {shlex.quote(str(_repo_relative(report)))}")
-        write_counterfactual_report(results, report, command)
+        write_counterfactual_report(results, report, command, lock=report_lock_path(configs[0], report))
         print(f"wrote {report}")
     return 0

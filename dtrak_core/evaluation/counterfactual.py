@@ -291,6 +291,9 @@ def counterfactual_experiment(config: CounterfactualConfig, progress: bool = Tru
     with _claim(experiment_lock_path(config), wait) as mine:
         if not mine:
             return Outcome("busy", None)
+        # What a killed run of this experiment left: ours to clear, we hold its lock.
+        path = result_path(config)
+        clear_stale_temps(path, path.parent / f"{config.tag}-before.png", path.parent / f"{config.tag}-after.png")
         # Another worker may have finished it while this one waited for the lock.
         stored = stored_result(config, len(train), full_hash)
         status = "stored" if stored is not None else "ran"
@@ -333,8 +336,6 @@ def _run(config: CounterfactualConfig, model, train, full_hash: str, progress: b
         "pixel_l2": pixel_l2(before, after), "ssim": ssim(before, after),
         "before_png": f"{config.tag}-before.png", "after_png": f"{config.tag}-after.png",
     }
-    # What a killed run of this experiment left: ours to clear, we hold its lock.
-    clear_stale_temps(path, path.parent / record["before_png"], path.parent / record["after_png"])
     checksums = {}
     for name, image in (("before_png", before), ("after_png", after)):
         checksums[record[name]] = write_file(path.parent / record[name],
@@ -443,8 +444,15 @@ def difference_cell(difference: float, ci: tuple[float, float] | None) -> str:
     return f"{difference:+.3f}{interval}"
 
 
-def write_report(results_dir: str | Path, out_path: str | Path, command: str) -> Path:
-    """``docs/benchmarks/counterfactual.md`` from the stored records (and ``notes.md`` beside them)."""
+def report_lock_path(config: CounterfactualConfig, out_path: str | Path) -> Path:
+    """The lock every worker of a batch holds while writing the report ``out_path``, beside the
+    experiments' locks (not beside the report: that folder is committed)."""
+    return models_root(config) / "locks" / f"report-{sha256_json(str(Path(out_path).resolve()))[:16]}.lock"
+
+
+def write_report(results_dir: str | Path, out_path: str | Path, command: str, lock: Path | None = None) -> Path:
+    """``docs/benchmarks/counterfactual.md`` from the stored records (and ``notes.md`` beside them);
+    ``lock``: held while writing (:func:`report_lock_path`), when several workers may write it."""
     records = load_results(results_dir)
     lines = ["# Counterfactual check (mini model)", "",
              "Remove the training images a method blames for a generated image (top-k proponents), "
@@ -493,4 +501,4 @@ def write_report(results_dir: str | Path, out_path: str | Path, command: str) ->
     # Hand-written reading of the numbers, kept with the results it discusses.
     lines += notes_section(Path(results_dir))
     lines += ["", "Regenerate:", "", "```bash", command, "```", ""]
-    return write_markdown(out_path, lines, "counterfactual.report")
+    return write_markdown(out_path, lines, "counterfactual.report", lock)

@@ -119,9 +119,15 @@ def _group_table(results: dict, entries: Sequence[GridEntry], targets: Targets) 
     return lines
 
 
+def report_lock_path(build_dir: str | Path) -> Path:
+    """The lock the commands hold while writing a build's report (in its git-ignored ``scores/``)."""
+    return Path(build_dir) / SCORES_DIR / "report.lock"
+
+
 def write_report(build_dir: str | Path, out_path: str | Path, command: str,
-                 entries: Sequence[GridEntry] = DEFAULT_GRID) -> Path:
-    """Write the markdown LDS table from ``results/lds.json`` (run ``evaluate`` first)."""
+                 entries: Sequence[GridEntry] = DEFAULT_GRID, lock: Path | None = None) -> Path:
+    """Write the markdown LDS table from ``results/lds.json`` (run ``evaluate`` first); ``lock``:
+    held while writing (:func:`report_lock_path`), when several commands may write it."""
     build_dir = Path(build_dir)
     results = read_results(build_dir)
     build = read_build(build_dir)
@@ -189,4 +195,4 @@ def write_report(build_dir: str | Path, out_path: str | Path, command: str,
               "score every method, regenerate this file (as more subsets finish):", "", "```bash",
               build_command(build, build_dir), "python -m dtrak_core lds attribute --build " + str(build_dir),
               command, "```", ""]
-    return write_markdown(out_path, lines, "lds.report")
+    return write_markdown(out_path, lines, "lds.report", lock)
