@@ -19,7 +19,7 @@ from dtrak_core.evaluation.counterfactual import (RESULT_BYTES, CounterfactualCo
                                                   models_root, report_lock_path, resolve_k, stored_result)
 from dtrak_core.evaluation.counterfactual import write_report as write_counterfactual_report
 from dtrak_core.evaluation.embeddings import load_embedder
-from dtrak_core.evaluation.lds.build import build_lds
+from dtrak_core.evaluation.lds.build import TargetsChangedError, build_lds
 from dtrak_core.evaluation.lds.config import RESULTS_DIR, LdsBuildConfig
 from dtrak_core.evaluation.lds.report import report_lock_path as lds_report_lock_path
 from dtrak_core.evaluation.lds.report import write_report as write_lds_report
@@ -149,7 +149,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 def _run(fn, args: argparse.Namespace) -> int:
     try:
         return fn(args) or 0
-    except (ModelError, DatasetError, StaleFeaturesError, ValueError, FileNotFoundError) as error:
+    except (ModelError, DatasetError, StaleFeaturesError, ValueError, FileNotFoundError, TargetsChangedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

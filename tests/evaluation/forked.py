@@ -43,7 +43,7 @@ class Child:
     def wait_stopped(self) -> None:
         """Return once the child has stopped itself at its ``:stop`` fault point."""
         _, status = os.waitpid(self.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), f"{self.args} ended (status {status}) instead of stopping: {self.stderr.read_text()}"
+        assert os.WIFSTOPPED(status), f"{self.args} ended instead of stopping: {self.stderr.read_text()}"
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)

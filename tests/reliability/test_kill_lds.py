@@ -9,6 +9,7 @@ pass its own checksum.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,44 @@ def test_a_changed_score_matrix_is_computed_again(model, reference, tmp_path):
     # The same matrix again (np.savez stamps the zip entries with the time, so compare arrays).
     assert np.array_equal(load_scores(matrix)[1], stored)
     assert compute_scores(out, grid, progress=False) == {"pixel": "cached"}
+
+
+def _scored(out: Path) -> dict:
+    """The score matrices, their markers and the results of ``lds attribute|score``, as values: a
+    ``.npz`` stamps its zip entries with the time, so neither its bytes nor a checksum over them
+    (``file_sha256``, ``record_sha256``) can repeat."""
+    def fields(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k not in ("file_sha256", RECORD_CHECKSUM)}
+
+    values = {"results": fields(read_record(out / "results" / "lds.json", ""))}
+    for path in [*sorted((out / "scores").glob("*.npz")), out / "results" / "predictions.npz"]:
+        with np.load(path) as data:
+            values[path.name] = {key: data[key] for key in data.files}
+    for path in sorted((out / "scores").glob("*.json")):
+        values[path.name] = fields(read_record(path, ""))
+    return values
+
+
+def test_attribute_and_score_killed_at_each_write_point_resume_to_the_same_results(model, tmp_path):
+    built, logs = tmp_path / "built", tmp_path / "logs"
+    _ok(run_cli(_build_args(model, built), logs))
+
+    def attribute(out: Path) -> list:
+        return ["lds", "attribute", "--build", out, "--entries", "pixel", "random", "--no-progress"]
+
+    def score(out: Path) -> list:
+        return ["lds", "score", "--build", out, "--bootstrap", "20"]
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    for out in (clean, killed):
+        shutil.copytree(built, out)
+    assert "pixel: written" in _ok(run_cli(attribute(clean), logs))
+    _ok(run_cli(score(clean), logs))
+    for command, point in ((attribute, "lds.scores@1"), (attribute, "lds.scores.marker@1"),
+                           (attribute, "lds.scores.marker@2"), (score, "lds.results.predictions@1"),
+                           (score, "lds.results@1")):
+        assert run_cli(command(killed), logs, fault=point).returncode == harness.KILLED, point
+    assert _ok(run_cli(attribute(killed), logs)).split() == "pixel: cached random: written".split()
+    _ok(run_cli(score(killed), logs))
+    np.testing.assert_equal(_scored(killed), _scored(clean))
+    assert not list(killed.rglob("*.tmp"))

@@ -30,7 +30,8 @@ from typing import Sequence
 
 from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.evaluation.lds.config import (BUILD_FILE, OUTPUTS_DIR, RUNS_DIR, SCORES_DIR, TARGETS_DIR,
-                                              LdsBuildConfig, ensemble_model_dir, merged_build_record, write_build_record)
+                                              LdsBuildConfig, ensemble_model_dir, merged_build_record,
+                                              write_build_record)
 from dtrak_core.evaluation.lds.measure import measure_new_targets, measure_timesteps
 from dtrak_core.evaluation.lds.outputs import (output_is_complete, output_path, previous_output, with_timings,
                                                write_output)
@@ -48,6 +49,10 @@ OUTPUT_BYTES_PER_TARGET, OUTPUT_BYTES_FIXED = 32, 4096
 #: What the build writes into its folder: models and score matrices are big and re-computable;
 #: outputs and subsets are the record.
 GITIGNORE_TEXT = f"{RUNS_DIR}/\n{SCORES_DIR}/\n"
+
+
+class TargetsChangedError(RuntimeError):
+    """Another worker added targets to the build while this one was running it (run it again)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,7 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
         now = stored_target_count(out / TARGETS_DIR)
         if now != len(targets):
             # Another worker added targets: this one's view of "finished" is out of date.
-            raise RuntimeError(f"{out / TARGETS_DIR / 'targets.json'} now has {now} targets; this "
+            raise TargetsChangedError(f"{out / TARGETS_DIR / 'targets.json'} now has {now} targets; this "
                                f"worker started with {len(targets)}: run it again to go on with the new targets")
         if max_models is not None and trained >= max_models and not complete(job):
             break

@@ -56,6 +56,8 @@ DEFAULT_BATCH_SIZE = FeatureSettings.batch_size
 FILE_CHECKSUM = "file_sha256"
 REDO_SCORES = "run 'lds attribute' again to compute it again"
 REDO_RESULTS = "run 'lds score' again to write them again"
+#: Disk ``results/lds.json`` takes at most (per-target LDS of every entry), besides the predictions.
+RESULTS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -189,15 +191,17 @@ def entry_models(entry: GridEntry, build_dir: Path) -> list[LoadedModel]:
 
 
 def _stored_scores_match(path: Path, identity: dict) -> bool:
-    """The entry's matrix file and its marker are sound and were made with ``identity``."""
+    """The entry's matrix file and its marker are sound and were made with ``identity`` (a marker
+    from before checksums has no file checksum to check)."""
     try:
         marker = read_record(path.with_suffix(".json"), REDO_SCORES)
     except CorruptUnitError:
         return False
-    if marker is None or marker.get(FILE_CHECKSUM) is None or not path.is_file():
+    if marker is None or not path.is_file():
         return False
-    return ({k: v for k, v in marker.items() if k not in (FILE_CHECKSUM, RECORD_CHECKSUM)} == identity
-            and sha256_file(path) == marker[FILE_CHECKSUM])
+    if {k: v for k, v in marker.items() if k not in (FILE_CHECKSUM, RECORD_CHECKSUM)} != identity:
+        return False
+    return FILE_CHECKSUM not in marker or sha256_file(path) == marker[FILE_CHECKSUM]
 
 
 def _write_scores(path: Path, matrices: dict[float, np.ndarray], identity: dict) -> None:
@@ -359,10 +363,13 @@ def evaluate(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
     results: dict = {"entries": {}, "progress": build_progress(build_dir)}
     arrays: dict[str, np.ndarray] = {}
     report = load_outputs(build_dir, "report")
+    num_targets = stored_target_count(build_dir / TARGETS_DIR)
+    ensure_writable(build_dir / RESULTS_DIR, RESULTS_BYTES + len(entries) * num_targets * report.num_subsets * 4,
+                    "LDS results")
     results["report_subsets"] = report.subset_names
     for entry in entries:
         path = build_dir / SCORES_DIR / f"{entry.name}.npz"
-        if not path.exists():
+        if not path.exists() or not path.with_suffix(".json").exists():  # no marker: not finished
             results["entries"][entry.name] = {"label": entry.label, "status": "pending: no scores yet"}
             continue
         lambdas, scores = load_scores(path)
