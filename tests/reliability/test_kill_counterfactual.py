@@ -4,10 +4,10 @@ record or image is found, never served, and redone.
 
 Every run works in the same folder (results, retrained models, report), so paths inside records
 and in the report's command line agree. Compared byte for byte: the images, the report, the
-retrained models' weights and the lock files; the records (``seed-*/*.json``) as parsed JSON
-without ``retrain_seconds`` (wall-clock) and ``record_sha256`` (a checksum over it), each of which
-must pass its checksum. The retrained models' ``recipe.json`` and ``train_state.pt`` (wall-clock
-seconds, machine) are left out.
+retrained models' weights (``models/*/unet/``) and the lock files; the records (``seed-*/*.json``)
+as parsed JSON without ``retrain_seconds`` (wall-clock) and ``record_sha256`` (a checksum over
+it), each of which must pass its checksum. The rest of a retrained model's folder is the trainer's
+(its recipe, state and completion marker hold wall-clock seconds) and is left out.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def _args(model: Path, work: Path, *extra) -> list:
 
 
 def _state(work: Path) -> dict:
-    files = harness.snapshot(work, ignore=("results/seed-*/*.json", "models/*/recipe.json",
-                                           "models/*/train_state.pt", "logs/*"))
+    files = harness.snapshot(work, ignore=("results/seed-*/*.json", "models/*", "logs/*"))
+    files.update({f"models/{name}": digest for name, digest in harness.snapshot(work / "models").items()
+                  if "/unet/" in name or name.startswith("locks/")})
     records = {}
     for path in sorted((work / "results").glob("seed-*/*.json")):
         record = read_record(path, "")
