@@ -9,5 +9,7 @@
 - :mod:`~dtrak_core.evaluation.counterfactual`: remove, retrain, regenerate, compare;
 - :mod:`~dtrak_core.evaluation.embeddings`: the embedding cosine of a local image model;
 - :mod:`~dtrak_core.evaluation.markdown`: what the two reports share (notes, atomic writing);
+- :mod:`~dtrak_core.evaluation.units`: how every LDS and counterfactual unit is stored: atomic
+  files with a fault point, checksummed records written last, verified on read;
 - :mod:`~dtrak_core.evaluation.cli`: the ``lds`` and ``counterfactual`` subcommands.
 """

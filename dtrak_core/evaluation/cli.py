@@ -15,19 +15,20 @@ from dtrak_core.attribution.feature_store import StaleFeaturesError
 from dtrak_core.cli_options import add_field_option, field_default
 from dtrak_core.conventions import DEFAULT_PROJECTION_DIM
 from dtrak_core.datasets.imagefolder import DatasetError
-from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, experiment_lock_path, resolve_k,
-                                                  run_counterfactual)
+from dtrak_core.evaluation.counterfactual import (RESULT_BYTES, CounterfactualConfig, counterfactual_experiment,
+                                                  models_root, report_lock_path, resolve_k, stored_result)
 from dtrak_core.evaluation.counterfactual import write_report as write_counterfactual_report
 from dtrak_core.evaluation.embeddings import load_embedder
-from dtrak_core.evaluation.lds.build import build_lds
+from dtrak_core.evaluation.lds.build import TargetsChangedError, build_lds
 from dtrak_core.evaluation.lds.config import RESULTS_DIR, LdsBuildConfig
+from dtrak_core.evaluation.lds.report import report_lock_path as lds_report_lock_path
 from dtrak_core.evaluation.lds.report import write_report as write_lds_report
 from dtrak_core.evaluation.lds.scores import (DEFAULT_BATCH_SIZE, DEFAULT_GRID, DEFAULT_LAMBDAS, compute_scores,
                                               evaluate, evaluate_matrix, get_entry, load_scores)
 from dtrak_core.evaluation.metrics import DEFAULT_NUM_BOOTSTRAP
-from dtrak_core.evaluation.retrain import STEPS_RULES
-from dtrak_core.io import try_lock
-from dtrak_core.models import ModelError
+from dtrak_core.evaluation.retrain import STEPS_RULES, retrain_bytes
+from dtrak_core.io import ensure_writable
+from dtrak_core.models import ModelError, pipeline_files_hash
 from dtrak_core.paths import MINI_MODEL_DIR, REPO_ROOT
 from dtrak_core.progress import progress_bar
 from dtrak_core.seeds import format_seeds, parse_seeds
@@ -148,7 +149,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 def _run(fn, args: argparse.Namespace) -> int:
     try:
         return fn(args) or 0
-    except (ModelError, DatasetError, StaleFeaturesError, ValueError, FileNotFoundError) as error:
+    except (ModelError, DatasetError, StaleFeaturesError, ValueError, FileNotFoundError, TargetsChangedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -219,7 +220,7 @@ def _lds_score(args: argparse.Namespace) -> int:
     if args.report:
         command = (f"python -m dtrak_core lds score --build {shlex.quote(str(args.build))} "
                    f"--report {shlex.quote(str(args.report))}")
-        write_lds_report(args.build, args.report, command)
+        write_lds_report(args.build, args.report, command, lock=lds_report_lock_path(args.build))
         print(f"wrote {args.report}")
     return 0
 
@@ -228,7 +229,7 @@ def _lds_report(args: argparse.Namespace) -> int:
     command = (f"python -m dtrak_core lds score --build {shlex.quote(str(args.build))} && "
                f"python -m dtrak_core lds report --build {shlex.quote(str(args.build))} "
                f"--out {shlex.quote(str(args.out))}")
-    write_lds_report(args.build, args.out, command)
+    write_lds_report(args.build, args.out, command, lock=lds_report_lock_path(args.build))
     print(f"wrote {args.out}")
     return 0
 
@@ -250,6 +251,13 @@ def _counterfactual(args: argparse.Namespace) -> int:
                 config.models_dir = str(args.models_dir)
             config.validate()  # every input checked before the first retrain
             configs.append(config)
+    # Before the first retrain: room for the results and the retrained models still to do.
+    full_hash = pipeline_files_hash(args.model)
+    pending = [config for config in configs if stored_result(config, num_train, full_hash) is None]
+    ensure_writable(results, len(pending) * RESULT_BYTES, "counterfactual results")
+    if pending:
+        ensure_writable(models_root(pending[0]), len(pending) * retrain_bytes(args.model),
+                        "counterfactual retrained models")
     # update() per experiment (not iteration) so a background job's progress file follows too.
     bar = progress_bar(total=len(configs), desc="counterfactual", unit="experiment",
                        disable=args.no_progress or len(configs) == 1)
@@ -259,14 +267,15 @@ def _counterfactual(args: argparse.Namespace) -> int:
     for config in configs:
         # Several workers may run the same batch (one per core): each experiment is run by the
         # worker that locks it first; the others go on to the next one.
-        with try_lock(experiment_lock_path(config)) as mine:
-            if not mine:
-                bar.write(f"seed {config.target_seed} {config.tag}: another worker is running it; skipped")
-                bar.update(1)
-                continue
-            r = run_counterfactual(config, progress=not args.no_progress, embedder=embedder)
+        outcome = counterfactual_experiment(config, progress=not args.no_progress, embedder=embedder, wait=False)
+        if outcome.status == "busy":
+            bar.write(f"seed {config.target_seed} {config.tag}: another worker is running it; skipped")
+            bar.update(1)
+            continue
+        r = outcome.record
         cosine = f", embedding cos {r['embedding_cosine']:.3f}" if embedder is not None else ""
-        bar.write(f"seed {r['target_seed']} {r['tag']}: removed {r['k']} ({r['removed_by_artist']}), "
+        stored = " (stored)" if outcome.status == "stored" else ""
+        bar.write(f"seed {r['target_seed']} {r['tag']}{stored}: removed {r['k']} ({r['removed_by_artist']}), "
                   f"pixel L2 {r['pixel_l2']:.3f}, SSIM {r['ssim']:.3f}{cosine}")
         bar.update(1)
     bar.close()
@@ -277,6 +286,6 @@ def _counterfactual(args: argparse.Namespace) -> int:
                    + (f" --k {args.k}" if args.k else "")
                    + (f" --embedding-model {shlex.quote(str(args.embedding_model))}" if args.embedding_model else "")
                    + f" --report {shlex.quote(str(_repo_relative(report)))}")
-        write_counterfactual_report(results, report, command)
+        write_counterfactual_report(results, report, command, lock=report_lock_path(configs[0], report))
         print(f"wrote {report}")
     return 0

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dtrak_core.io import atomic_path
+from contextlib import nullcontext
+
+from dtrak_core.evaluation.units import clear_stale_temps, write_atomic
+from dtrak_core.io import hold_lock
 
 #: Hand-written discussion beside a build's results (``<build>/notes.md``), copied into its report.
 NOTES_FILE = "notes.md"
@@ -20,9 +23,15 @@ def notes_section(results_dir: Path) -> list[str]:
     return ["", notes.read_text().strip()] if notes.exists() else []
 
 
-def write_markdown(out_path: str | Path, lines: list[str]) -> Path:
-    """Write ``lines`` joined by newlines to ``out_path`` atomically (readers never see half a file)."""
+def write_markdown(out_path: str | Path, lines: list[str], point: str = "report",
+                   lock: str | Path | None = None) -> Path:
+    """Write ``lines`` joined by newlines to ``out_path`` atomically (readers never see half a file);
+    ``point``: the write's fault point. With ``lock`` (a lock file every writer of this report
+    holds), one writer at a time, which first clears what a killed writer left."""
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        tmp.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    with hold_lock(lock) if lock is not None else nullcontext():
+        if lock is not None:
+            clear_stale_temps(out_path)
+        write_atomic(out_path, lambda tmp: tmp.write_text(text), point)
     return out_path

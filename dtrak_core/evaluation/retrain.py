@@ -32,6 +32,9 @@ from dtrak_core.training import TrainConfig
 STEPS_RULES = ("epochs", "steps")
 #: Checkpoint interval of retrains (at most their number of steps): a killed retrain loses less.
 DEFAULT_CHECKPOINT_EVERY = 100
+#: Disk a retrain takes, in copies of the model's weights file: the EMA pipeline, the training
+#: state (weights, EMA weights, Adam's two moments) and one more while a file is being replaced.
+RETRAIN_WEIGHT_COPIES = 6
 
 
 def check_steps_rule(steps_rule: str) -> str:
@@ -80,6 +83,12 @@ def full_data_train_config(base: dict, seed: int, out_dir: str | Path,
     config = TrainConfig(**base)
     return replace(config, seed=int(seed), out_dir=str(out_dir),
                    checkpoint_every=min(checkpoint_every, config.steps), keep_checkpoints=False)
+
+
+def retrain_bytes(model_dir: str | Path) -> int:
+    """Bytes a retrain of the model in ``model_dir`` writes at most: ``RETRAIN_WEIGHT_COPIES`` x
+    its weights file (the up-front free-space check of the LDS build and the counterfactual check)."""
+    return RETRAIN_WEIGHT_COPIES * (Path(model_dir) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
+from dtrak_core.evaluation.units import RECORD_CHECKSUM, CorruptUnitError, corrupt_message, write_atomic
+from dtrak_core.io import sha256_json
 from dtrak_core.seeds import experiment_seed
-from dtrak_core.io import write_bytes_atomic
 
 ROLES = ("tune", "report")
 SUBSETS_FILE = "subsets.json"
+#: Fault point of the subsets file's write.
+SUBSETS_POINT = "lds.subsets"
 
 
 @dataclass(frozen=True)
@@ -109,22 +112,45 @@ class SubsetPlan:
         return cls(int(data["num_train"]), float(data["alpha"]), int(data["seed"]), data.get("stratify_column"),
                    subsets)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write ``subsets.json``: one subset per line (compact, and a new subset is a one-line diff)."""
+    def text(self, checksum: bool = True) -> str:
+        """``subsets.json``: one subset per line (compact, and a new subset is a one-line diff); the
+        head holds ``record_sha256`` of :meth:`to_dict` (``checksum=False``: the format from before
+        checksums)."""
         data = self.to_dict()
         head = {k: v for k, v in data.items() if k != "subsets"}
+        if checksum:
+            head[RECORD_CHECKSUM] = sha256_json(data)
         rows = ",\n".join(json.dumps(s, separators=(",", ":")) for s in data["subsets"])
-        text = json.dumps(head, sort_keys=True)[:-1] + ', "subsets": [\n' + rows + "\n]}\n"
+        return json.dumps(head, sort_keys=True)[:-1] + ', "subsets": [\n' + rows + "\n]}\n"
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``subsets.json`` atomically (the caller holds the build lock)."""
         path = Path(folder) / SUBSETS_FILE
-        write_bytes_atomic(path, text.encode())
+        data = self.text().encode()
+        write_atomic(path, lambda tmp: tmp.write_bytes(data), SUBSETS_POINT)
         return path
 
     @classmethod
     def load(cls, folder: str | Path) -> "SubsetPlan":
+        """The stored plan, verified: the file must be exactly :meth:`text` of what it holds, and
+        match its checksum (a file from before checksums: the old format); else a
+        :class:`~dtrak_core.evaluation.units.CorruptUnitError`."""
         path = Path(folder) / SUBSETS_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; run 'lds build' first")
-        return cls.from_dict(json.loads(path.read_text()))
+        raw = path.read_text()
+        redo = "run 'lds build' again to write it again"
+        try:
+            data = json.loads(raw)
+            plan = cls.from_dict(data)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise CorruptUnitError(f"{path} is not a subsets file (torn or changed after it was written); "
+                                   f"{redo}") from None
+        has_checksum = RECORD_CHECKSUM in data
+        if plan.text(checksum=has_checksum) != raw or (has_checksum and data[RECORD_CHECKSUM] != sha256_json(
+                plan.to_dict())):
+            raise CorruptUnitError(corrupt_message(path, redo))
+        return plan
 
 
 def make_plan(strata: Sequence[str], num_report: int, num_tune: int, alpha: float = 0.5, seed: int = 0,

@@ -5,9 +5,18 @@ subset (:func:`dtrak_core.evaluation.retrain.subset_train_config`, same-epochs r
 the targets (:mod:`.measure`), writes the output file (:mod:`.outputs`) and deletes the subset
 model's weights. Ensemble models (full data, other seeds) are kept.
 
-Killed at any point, running it again skips every model with an output file and resumes the
-interrupted training from its last checkpoint (``checkpoint_every`` steps). Several workers may
-share one build: each model is trained by whichever locks it first.
+Killed at any point, running it again skips every model with a sound output file and resumes
+the interrupted training from its last checkpoint (``checkpoint_every`` steps). Several workers
+may share one build: each model is trained by whichever locks it first. The build file, the
+targets and the subsets are written by one worker at a time (the build lock), each model's output
+by the worker holding that model's lock; every file is atomic and checksummed
+(:mod:`dtrak_core.evaluation.units`), a kill's temporary files are cleared by the next holder of
+the lock, and an output file that fails its checksum is measured again (its model retrained).
+
+Fault points (``DTRAK_FAULT``, see :func:`dtrak_core.io.fault_point`), in the order a first build
+meets them: ``lds.targets.images``, ``lds.targets``, ``lds.build_file``, ``lds.subsets``,
+``lds.outputs`` (the full model's, then each model's), ``lds.retrain.model`` (a model trained, not
+yet measured), ``lds.retrain.cleanup`` (its output written, its weights not yet deleted).
 """
 
 from __future__ import annotations
@@ -20,17 +29,30 @@ from pathlib import Path
 from typing import Sequence
 
 from dtrak_core.attribution.loading import load_model, load_training_set
-from dtrak_core.evaluation.lds.config import (BUILD_FILE, RUNS_DIR, SCORES_DIR, TARGETS_DIR, LdsBuildConfig,
-                                              ensemble_model_dir, merged_build_record)
+from dtrak_core.evaluation.lds.config import (BUILD_FILE, OUTPUTS_DIR, RUNS_DIR, SCORES_DIR, TARGETS_DIR,
+                                              LdsBuildConfig, ensemble_model_dir, merged_build_record,
+                                              write_build_record)
 from dtrak_core.evaluation.lds.measure import measure_new_targets, measure_timesteps
-from dtrak_core.evaluation.lds.outputs import output_is_complete, output_path, previous_output, with_timings
+from dtrak_core.evaluation.lds.outputs import (output_is_complete, output_path, previous_output, with_timings,
+                                               write_output)
 from dtrak_core.evaluation.lds.targets import Targets, ensure_targets, stored_target_count
-from dtrak_core.evaluation.retrain import full_data_train_config, retrain, subset_train_config
-from dtrak_core.evaluation.subsets import SubsetPlan, make_plan
-from dtrak_core.io import hold_lock, try_lock, write_bytes_atomic, write_json_atomic
+from dtrak_core.evaluation.retrain import full_data_train_config, retrain, retrain_bytes, subset_train_config
+from dtrak_core.evaluation.subsets import SUBSETS_FILE, SubsetPlan, make_plan
+from dtrak_core.evaluation.units import CorruptUnitError, clear_stale_temps, write_atomic
+from dtrak_core.io import ensure_writable, fault_point, hold_lock, try_lock
 from dtrak_core.models import RECIPE_FILE, pipeline_files_hash
 from dtrak_core.progress import progress_bar
 from dtrak_core.training import TrainConfig, read_recipe_config
+
+#: Disk an output file takes per target (one float as JSON text) and besides its losses.
+OUTPUT_BYTES_PER_TARGET, OUTPUT_BYTES_FIXED = 32, 4096
+#: What the build writes into its folder: models and score matrices are big and re-computable;
+#: outputs and subsets are the record.
+GITIGNORE_TEXT = f"{RUNS_DIR}/\n{SCORES_DIR}/\n"
+
+
+class TargetsChangedError(RuntimeError):
+    """Another worker added targets to the build while this one was running it (run it again)."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +125,9 @@ def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, 
     """Train one model of the queue (resuming its checkpoint), measure the targets, write its output file."""
     train_config = _train_config(config, job, plan, recipe)
     model = retrain(train_config, progress=progress)
+    fault_point("lds.retrain.model")
     started = time.time()
-    previous = previous_output(config.out_dir, job.name)
+    previous = _previous_output(config, job.name, bar.write)
     losses, extension = measure_new_targets(model.model_dir, model.files_hash, previous, targets, timesteps, config)
     measure_seconds = time.time() - started
     recipe_out = json.loads((model.model_dir / RECIPE_FILE).read_text())
@@ -115,22 +138,56 @@ def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, 
     # The trainer's own clock covers all sessions of a resumed run; ours only this one.
     timings = {"train_seconds": recipe_out.get("wall_seconds", round(model.seconds, 1)),
                "measure_seconds": round(measure_seconds, 2)}
-    write_json_atomic(output_path(config.out_dir, job.name), with_timings(record, previous, extension, timings))
+    write_output(config.out_dir, job.name, with_timings(record, previous, extension, timings))
+    fault_point("lds.retrain.cleanup")
     _remove_finished_model(config, job)
     bar.update(1)
     bar.write(f"{job.name}: trained {train_config.steps} steps in {recipe_out.get('wall_seconds')} s, "
               f"measured in {measure_seconds:.1f} s, mean target loss {losses.mean():.4f}")
 
 
+def _previous_output(config: LdsBuildConfig, job_name: str, say) -> dict | None:
+    """The model's stored output record before this measurement; None for one that fails its
+    checksum (said with ``say``): then every target is measured again."""
+    try:
+        return previous_output(config.out_dir, job_name)
+    except CorruptUnitError:
+        say(f"{output_path(config.out_dir, job_name)} fails its checksum: measuring {job_name} again")
+        return None
+
+
 def _measure_full_model(config: LdsBuildConfig, full_hash: str, seed: int, targets: Targets,
-                        timesteps: Sequence[int]) -> None:
+                        timesteps: Sequence[int], say) -> None:
     """The full model's outputs (``outputs/full.json``), extended like any model's when targets grow."""
     started = time.time()
-    previous = previous_output(config.out_dir, "full")
+    previous = _previous_output(config, "full", say)
     losses, extension = measure_new_targets(Path(config.model_dir), full_hash, previous, targets, timesteps, config)
     record = {"job": "full", "subset": None, "seed": seed, "model_hash": full_hash, "losses": losses.tolist()}
-    write_json_atomic(output_path(config.out_dir, "full"),
-                      with_timings(record, previous, extension, {"measure_seconds": round(time.time() - started, 2)}))
+    write_output(config.out_dir, "full",
+                 with_timings(record, previous, extension, {"measure_seconds": round(time.time() - started, 2)}))
+    say(f"full: measured in {time.time() - started:.1f} s, mean target loss {losses.mean():.4f}")
+
+
+def _save_plan(out: Path, plan: SubsetPlan) -> None:
+    """Write ``subsets.json`` (under the build lock) unless it already holds ``plan``: an unchanged
+    plan keeps its bytes (a committed build from before checksums too); a bad file is rewritten."""
+    clear_stale_temps(out / SUBSETS_FILE)
+    try:
+        stored = SubsetPlan.load(out) if (out / SUBSETS_FILE).exists() else None
+    except CorruptUnitError:
+        stored = None
+    if stored is None or stored.to_dict() != plan.to_dict():
+        plan.save(out)
+
+
+def _check_space(config: LdsBuildConfig, num_targets: int, pending: Sequence[ModelJob]) -> None:
+    """Before any training: room for the output files of ``pending`` and for the models they
+    train at once (subset models are deleted after measuring unless ``keep_models``)."""
+    ensure_writable(Path(config.out_dir) / OUTPUTS_DIR,
+                    len(pending) * (num_targets * OUTPUT_BYTES_PER_TARGET + OUTPUT_BYTES_FIXED), "LDS outputs")
+    kept = sum(job.subset is None or config.keep_models for job in pending)
+    at_once = kept + (kept < len(pending))
+    ensure_writable(config.work, at_once * retrain_bytes(config.model_dir), "LDS retrained models")
 
 
 def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | None = None) -> dict:
@@ -146,46 +203,51 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
     timesteps = measure_timesteps(config.measure_timesteps, num_train_timesteps)
     recipe = read_recipe_config(config.model_dir)
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    gitignore = out / ".gitignore"
-    if not gitignore.exists():
-        # Models and score matrices are big and re-computable; outputs and subsets are the record.
-        write_bytes_atomic(gitignore, f"{RUNS_DIR}/\n{SCORES_DIR}/\n".encode())
+    ensure_writable(out, 0, "LDS build")
+    ensure_writable(config.work, 0, "LDS retrained models")
     full_hash = pipeline_files_hash(config.model_dir)
-    # One worker at a time reads, grows and writes the build file and the targets.
+    train_set = load_training_set(full_model, label_column=config.stratify_column)
+    labels = train_set.labels or ["all"] * len(train_set)
+    # One worker at a time reads, grows and writes the build file, the targets and the subsets.
     with hold_lock(config.work / "build.lock"):
+        out.mkdir(parents=True, exist_ok=True)
+        gitignore = out / ".gitignore"
+        if not gitignore.exists():
+            clear_stale_temps(gitignore)
+            write_atomic(gitignore, lambda tmp: tmp.write_text(GITIGNORE_TEXT), "lds.gitignore")
         record = merged_build_record(config, full_hash, recipe, timesteps)
         config = replace(config, num_subsets=record["num_subsets"], num_tuning_subsets=record["num_tuning_subsets"],
                          seeds=record["seeds"], ensemble_seeds=record["ensemble_seeds"],
                          extra_validation=record["extra_validation"])
         # Targets first: a filter that selects nothing must not enter the build file.
         targets = ensure_targets(config, recipe, out / TARGETS_DIR, progress)
-        write_json_atomic(out / BUILD_FILE, record)
-
-    train_set = load_training_set(full_model, label_column=config.stratify_column)
-    labels = train_set.labels or ["all"] * len(train_set)
-    plan = make_plan(labels, config.num_subsets, config.num_tuning_subsets, config.alpha, config.subset_seed,
-                     config.stratify_column if train_set.labels else None)
-    plan.save(out)
+        clear_stale_temps(out / BUILD_FILE)
+        write_build_record(out, record)
+        plan = make_plan(labels, config.num_subsets, config.num_tuning_subsets, config.alpha, config.subset_seed,
+                         config.stratify_column if train_set.labels else None)
+        _save_plan(out, plan)
 
     if not output_is_complete(out, "full", len(targets)):
         with hold_lock(config.work / "full.lock"):
             if not output_is_complete(out, "full", len(targets)):
-                _measure_full_model(config, full_hash, recipe["config"]["seed"], targets, timesteps)
+                clear_stale_temps(output_path(out, "full"))
+                _measure_full_model(config, full_hash, recipe["config"]["seed"], targets, timesteps, print)
 
     jobs = job_queue(config, plan)
 
     def complete(job: ModelJob) -> bool:
         return output_is_complete(out, job.name, len(targets))
 
-    bar = progress_bar(total=len(jobs), initial=sum(map(complete, jobs)), desc="lds models", unit="model",
+    pending = [job for job in jobs if not complete(job)]
+    _check_space(config, len(targets), pending if max_models is None else pending[:max_models])
+    bar = progress_bar(total=len(jobs), initial=len(jobs) - len(pending), desc="lds models", unit="model",
                        disable=not progress)
     trained = 0
     for job in jobs:
         now = stored_target_count(out / TARGETS_DIR)
         if now != len(targets):
             # Another worker added targets: this one's view of "finished" is out of date.
-            raise RuntimeError(f"{out / TARGETS_DIR / 'targets.json'} now has {now} targets; this "
+            raise TargetsChangedError(f"{out / TARGETS_DIR / 'targets.json'} now has {now} targets; this "
                                f"worker started with {len(targets)}: run it again to go on with the new targets")
         if max_models is not None and trained >= max_models and not complete(job):
             break
@@ -198,6 +260,7 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
             if complete(job):
                 _remove_finished_model(config, job)
                 continue
+            clear_stale_temps(output_path(out, job.name))  # a killed writer's, never a live one's: we hold the lock
             _train_and_measure(config, job, plan, recipe, targets, timesteps, progress, bar)
         trained += 1
     bar.close()

@@ -14,11 +14,11 @@ git-ignored by a ``.gitignore`` written there):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtrak_core.evaluation.retrain import DEFAULT_CHECKPOINT_EVERY, check_steps_rule
+from dtrak_core.evaluation.units import RECORD_CHECKSUM, read_record, write_record
 
 BUILD_FILE = "lds.json"
 TARGETS_DIR = "targets"
@@ -28,6 +28,11 @@ SCORES_DIR = "scores"
 RESULTS_DIR = "results"
 #: The two kinds of targets; every LDS is reported per kind.
 TARGET_KINDS = ("validation", "generated")
+#: Fault point of the build file's write.
+BUILD_FILE_POINT = "lds.build_file"
+#: What a user does about a build file that fails its checksum: it says what the numbers mean,
+#: so it is never guessed again from a command line.
+REDO_BUILD_FILE = "restore it (it is committed with the build) or start another --out"
 
 
 def _help(text: str) -> dict:
@@ -123,11 +128,20 @@ def parse_filter(spec: str) -> tuple[str, str]:
 
 
 def read_build(out_dir: str | Path) -> dict:
-    """The build settings ``lds.json`` of an LDS build folder."""
-    path = Path(out_dir) / BUILD_FILE
-    if not path.exists():
+    """The build settings ``lds.json`` of an LDS build folder, verified against its checksum."""
+    record = read_record(Path(out_dir) / BUILD_FILE, REDO_BUILD_FILE)
+    if record is None:
         raise FileNotFoundError(f"{out_dir} is not an LDS build folder (no {BUILD_FILE}); run 'lds build' first")
-    return json.loads(path.read_text())
+    return record
+
+
+def write_build_record(out_dir: str | Path, record: dict) -> None:
+    """Write ``lds.json`` (under the build lock) unless it already says the same: a build from
+    before checksums keeps its committed bytes until something in it changes."""
+    saved = read_record(Path(out_dir) / BUILD_FILE, REDO_BUILD_FILE)
+    if saved is not None and {k: v for k, v in saved.items() if k != RECORD_CHECKSUM} == record:
+        return
+    write_record(Path(out_dir) / BUILD_FILE, record, BUILD_FILE_POINT)
 
 
 def merged_build_record(config: LdsBuildConfig, model_hash: str, recipe: dict, timesteps: list[int]) -> dict:
@@ -143,8 +157,8 @@ def merged_build_record(config: LdsBuildConfig, model_hash: str, recipe: dict, t
               "seeds": config.seeds, "ensemble_seeds": config.ensemble_seeds, "work_dir": config.work_dir,
               "extra_validation": config.extra_validation,
               "measure_timesteps_list": list(timesteps)}
-    if path.exists():
-        saved = json.loads(path.read_text())
+    saved = read_record(path, REDO_BUILD_FILE)
+    if saved is not None:
         if saved.get("model_hash") != model_hash:
             raise ValueError(f"{config.out_dir} holds an LDS build of another model (hash "
                              f"{str(saved.get('model_hash'))[:12]}); use another --out")

@@ -2,12 +2,14 @@
 
 ``outputs/<job>.json`` (``job``: "report-003-s1", "tune-000-s0", "ensemble-s2", "full") holds the
 model's losses (T,) on the targets, its weights hash and its timings; it is the per-model done
-marker. :func:`load_outputs` averages a role's subsets over their finished seeds for the LDS.
+marker, written atomically with its checksum (:mod:`dtrak_core.evaluation.units`) by the worker
+holding the model's lock. A file that fails its checksum counts as not done for the build (which
+measures that model again) and is an error for every reader (never averaged into an LDS).
+:func:`load_outputs` averages a role's subsets over their finished seeds for the LDS.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,12 @@ import numpy as np
 from dtrak_core.evaluation.lds.config import OUTPUTS_DIR, TARGETS_DIR, read_build
 from dtrak_core.evaluation.lds.targets import stored_target_count
 from dtrak_core.evaluation.subsets import SubsetPlan
+from dtrak_core.evaluation.units import CorruptUnitError, read_record, write_record
+
+#: Fault point of an output file's write (``DTRAK_FAULT=lds.outputs@N``: the N-th file this run writes).
+OUTPUT_POINT = "lds.outputs"
+#: What a user does about a bad output file.
+REDO_OUTPUT = "run 'lds build' again to measure that model again"
 
 
 def output_path(out_dir: str | Path, job_name: str) -> Path:
@@ -23,16 +31,31 @@ def output_path(out_dir: str | Path, job_name: str) -> Path:
     return Path(out_dir) / OUTPUTS_DIR / f"{job_name}.json"
 
 
+def read_output(out_dir: str | Path, job_name: str) -> dict | None:
+    """The model's verified output record, None before its first measurement; a
+    :class:`~dtrak_core.evaluation.units.CorruptUnitError` when the file fails its checksum."""
+    return read_record(output_path(out_dir, job_name), REDO_OUTPUT)
+
+
+def write_output(out_dir: str | Path, job_name: str, record: dict) -> dict:
+    """Write the model's output record (atomic, checksummed; the caller holds the model's lock)."""
+    return write_record(output_path(out_dir, job_name), record, OUTPUT_POINT)
+
+
 def output_is_complete(out_dir: str | Path, job_name: str, num_targets: int) -> bool:
-    """The model has an output file holding a loss for each of the ``num_targets`` targets."""
-    path = output_path(out_dir, job_name)
-    return path.exists() and len(json.loads(path.read_text())["losses"]) == num_targets
+    """The model has a sound output file holding a loss for each of the ``num_targets`` targets
+    (a file failing its checksum is not: the build measures the model again)."""
+    try:
+        record = read_output(out_dir, job_name)
+    except CorruptUnitError:
+        return False
+    return record is not None and len(record["losses"]) == num_targets
 
 
 def previous_output(out_dir: str | Path, job_name: str) -> dict | None:
-    """The model's stored output record, None before its first measurement."""
-    path = output_path(out_dir, job_name)
-    return json.loads(path.read_text()) if path.exists() else None
+    """The model's stored output record, None before its first measurement (raises
+    :class:`~dtrak_core.evaluation.units.CorruptUnitError` for a file failing its checksum)."""
+    return read_output(out_dir, job_name)
 
 
 def with_timings(record: dict, previous: dict | None, extension: dict, timings: dict) -> dict:
@@ -63,9 +86,10 @@ class MeasuredOutputs:
 
 
 def _complete_outputs(out_dir: Path) -> dict[str, dict]:
-    """Every output record with a loss for each target, by job name (each file read once)."""
+    """Every output record with a loss for each target, by job name (each file read once and
+    verified: a file failing its checksum is an error, never averaged in)."""
     count = stored_target_count(out_dir / TARGETS_DIR)
-    records = {path.stem: json.loads(path.read_text()) for path in sorted((out_dir / OUTPUTS_DIR).glob("*.json"))}
+    records = {path.stem: read_record(path, REDO_OUTPUT) for path in sorted((out_dir / OUTPUTS_DIR).glob("*.json"))}
     return {name: record for name, record in records.items() if len(record["losses"]) == count}
 
 

@@ -8,7 +8,6 @@ commands that regenerate it. Nothing is computed here: run ``lds score`` first.
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections import Counter
 from pathlib import Path
@@ -16,11 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-from dtrak_core.evaluation.lds.config import RESULTS_DIR, SCORES_DIR, TARGET_KINDS, TARGETS_DIR, read_build
-from dtrak_core.evaluation.lds.scores import DEFAULT_GRID, RESULTS_FILE, GridEntry
+from dtrak_core.evaluation.lds.config import SCORES_DIR, TARGET_KINDS, TARGETS_DIR, read_build
+from dtrak_core.evaluation.lds.scores import DEFAULT_GRID, REDO_SCORES, GridEntry, read_results
 from dtrak_core.evaluation.lds.targets import SELECTION_GROUP, Targets
 from dtrak_core.evaluation.markdown import notes_section, write_markdown
 from dtrak_core.evaluation.subsets import SubsetPlan
+from dtrak_core.evaluation.units import read_record
 from dtrak_core.seeds import format_seeds
 
 #: Published LDS (%) beside ours: CIFAR-2 (the paper's small DDPM), k = 32768 for TRAK/D-TRAK,
@@ -61,7 +61,7 @@ def _feature_summary(build_dir: Path) -> str:
     """Projection settings of the stored score files, e.g. "sjlt projection, k = 2048"."""
     seen = set()
     for meta in sorted((build_dir / SCORES_DIR).glob("*.json")):
-        settings = json.loads(meta.read_text()).get("settings")
+        settings = read_record(meta, REDO_SCORES).get("settings")
         if settings:
             seen.add(f"{settings['projector']} projection, k = {settings['projection_dim']}")
     return "; ".join(sorted(seen)) or "no gradient features yet"
@@ -119,14 +119,17 @@ def _group_table(results: dict, entries: Sequence[GridEntry], targets: Targets) 
     return lines
 
 
+def report_lock_path(build_dir: str | Path) -> Path:
+    """The lock the commands hold while writing a build's report (in its git-ignored ``scores/``)."""
+    return Path(build_dir) / SCORES_DIR / "report.lock"
+
+
 def write_report(build_dir: str | Path, out_path: str | Path, command: str,
-                 entries: Sequence[GridEntry] = DEFAULT_GRID) -> Path:
-    """Write the markdown LDS table from ``results/lds.json`` (run ``evaluate`` first)."""
+                 entries: Sequence[GridEntry] = DEFAULT_GRID, lock: Path | None = None) -> Path:
+    """Write the markdown LDS table from ``results/lds.json`` (run ``evaluate`` first); ``lock``:
+    held while writing (:func:`report_lock_path`), when several commands may write it."""
     build_dir = Path(build_dir)
-    results_path = build_dir / RESULTS_DIR / RESULTS_FILE
-    if not results_path.exists():
-        raise FileNotFoundError(f"{results_path} does not exist; run 'lds score --build {build_dir}' first")
-    results = json.loads(results_path.read_text())
+    results = read_results(build_dir)
     build = read_build(build_dir)
     progress = results["progress"]
     targets = Targets.load(build_dir / TARGETS_DIR)
@@ -192,4 +195,4 @@ def write_report(build_dir: str | Path, out_path: str | Path, command: str,
               "score every method, regenerate this file (as more subsets finish):", "", "```bash",
               build_command(build, build_dir), "python -m dtrak_core lds attribute --build " + str(build_dir),
               command, "```", ""]
-    return write_markdown(out_path, lines)
+    return write_markdown(out_path, lines, "lds.report", lock)

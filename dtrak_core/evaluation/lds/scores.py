@@ -10,11 +10,17 @@ features come from (and go to) the feature store, so entries sharing settings sh
 for validation and generated targets) and reports the LDS on the **reported** subsets only,
 with a 95% bootstrap CI over those subsets, in ``results/lds.json`` (the table is
 :mod:`.report`'s).
+
+Both follow the units' rules (:mod:`dtrak_core.evaluation.units`): an entry's ``.npz`` is written
+by the worker holding its lock (``scores/<entry>.lock``), then its ``.json`` marker (identity and
+the matrix file's sha256); a stored matrix is served only when both agree, else computed again.
+``results/predictions.npz`` is written before ``results/lds.json``, which holds its checksum.
+Fault points: ``lds.scores`` (a matrix file), ``lds.scores.marker``, ``lds.results.predictions``,
+``lds.results``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,12 +36,14 @@ from dtrak_core.attribution.loading import LoadedModel, load_model, load_trainin
 from dtrak_core.conventions import DEFAULT_NUM_TIMESTEPS, DEFAULT_PROJECTION_DIM
 from dtrak_core.evaluation.lds.config import (RESULTS_DIR, SCORES_DIR, TARGET_KINDS, TARGETS_DIR, LdsBuildConfig,
                                               ensemble_model_dir, read_build)
-from dtrak_core.evaluation.lds.outputs import MeasuredOutputs, build_progress, load_outputs, output_path
-from dtrak_core.evaluation.lds.targets import Targets
+from dtrak_core.evaluation.lds.outputs import MeasuredOutputs, build_progress, load_outputs, output_is_complete
+from dtrak_core.evaluation.lds.targets import Targets, stored_target_count
 from dtrak_core.evaluation.metrics import (DEFAULT_NUM_BOOTSTRAP, common_factor_share, lds_per_target, lds_summary,
                                           paired_lds_difference, subset_predictions)
 from dtrak_core.evaluation.subsets import SubsetPlan
-from dtrak_core.io import atomic_path, write_json_atomic
+from dtrak_core.evaluation.units import (RECORD_CHECKSUM, CorruptUnitError, check_file, clear_stale_temps,
+                                         read_record, write_file, write_record)
+from dtrak_core.io import ensure_writable, hold_lock, sha256_file, try_lock
 
 #: Lambda sweep: half-decades 1e-2 .. 1e7 (the reference tuned 1e1..5e3 for DDPMs; our
 #: features have another scale, so the sweep is wide; every lambda costs one matrix product).
@@ -44,6 +52,12 @@ RESULTS_FILE = "lds.json"
 PREDICTIONS_FILE = "predictions.npz"
 #: Training images per featurizer batch of ``lds attribute`` (memory, not results).
 DEFAULT_BATCH_SIZE = FeatureSettings.batch_size
+#: The field of a score matrix's marker (and of ``results/lds.json``) holding its data file's sha256.
+FILE_CHECKSUM = "file_sha256"
+REDO_SCORES = "run 'lds attribute' again to compute it again"
+REDO_RESULTS = "run 'lds score' again to write them again"
+#: Disk ``results/lds.json`` takes at most (per-target LDS of every entry), besides the predictions.
+RESULTS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -169,10 +183,38 @@ def entry_models(entry: GridEntry, build_dir: Path) -> list[LoadedModel]:
     if entry.models == "ensemble":
         config = LdsBuildConfig(model_dir=build["model_dir"], out_dir=str(build_dir),
                                 work_dir=build.get("work_dir"))
+        count = stored_target_count(build_dir / TARGETS_DIR)
         done = [ensemble_model_dir(config, s) for s in build.get("ensemble_seeds", [])
-                if output_path(build_dir, f"ensemble-s{s}").exists()]
+                if output_is_complete(build_dir, f"ensemble-s{s}", count)]
         return [full] + [load_model(d) for d in done] if done else []
     raise ValueError(f"grid entry models {entry.models!r} is not 'full', 'checkpoints' or 'ensemble'")
+
+
+def _stored_scores_match(path: Path, identity: dict) -> bool:
+    """The entry's matrix file and its marker are sound and were made with ``identity`` (a marker
+    from before checksums has no file checksum to check)."""
+    try:
+        marker = read_record(path.with_suffix(".json"), REDO_SCORES)
+    except CorruptUnitError:
+        return False
+    if marker is None or not path.is_file():
+        return False
+    if {k: v for k, v in marker.items() if k not in (FILE_CHECKSUM, RECORD_CHECKSUM)} != identity:
+        return False
+    return FILE_CHECKSUM not in marker or sha256_file(path) == marker[FILE_CHECKSUM]
+
+
+def _write_scores(path: Path, matrices: dict[float, np.ndarray], identity: dict) -> None:
+    """The matrix file, then its marker (identity + the file's sha256), each atomic."""
+    keys = list(matrices)
+
+    def write_matrix(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, lambdas=np.array(keys, dtype=np.float64),
+                     scores=np.stack([matrices[k] for k in keys]).astype(np.float32))
+
+    digest = write_file(path, write_matrix, "lds.scores")
+    write_record(path.with_suffix(".json"), {**identity, FILE_CHECKSUM: digest}, "lds.scores.marker")
 
 
 def compute_scores(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
@@ -181,19 +223,25 @@ def compute_scores(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT
                    progress: bool = True, force: bool = False) -> dict[str, str]:
     """Write ``scores/<entry>.npz`` for each entry; returns {entry: "written" | "cached" | why skipped}.
 
-    An entry is recomputed only when its stored file was made with other models or settings.
+    An entry is recomputed only when its stored file was made with other models or settings, or
+    fails its checksum. Several workers may run at once: each entry is computed by the worker that
+    locks it; another goes on to the next entry and, at the end, waits for the ones still locked.
     """
     build_dir = Path(build_dir)
     build = read_build(build_dir)
     targets = Targets.load(build_dir / TARGETS_DIR)
     train = load_training_set(load_model(build["model_dir"]))
+    num_lambdas = len(lambdas) if any(get_method(e.method).uses_lambda for e in entries) else 1
+    ensure_writable(build_dir / SCORES_DIR, len(entries) * num_lambdas * len(targets) * len(train) * 4,
+                    "LDS score matrices")
     status: dict[str, str] = {}
-    for entry in entries:
+
+    def run(entry: GridEntry, recompute: bool) -> None:
         method = get_method(entry.method)
         models = entry_models(entry, build_dir)
         if not models:
             status[entry.name] = "skipped: no finished ensemble retrains yet"
-            continue
+            return
         settings = None
         if method.needs_features:
             settings = method.feature_settings(
@@ -204,25 +252,36 @@ def compute_scores(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT
                     "lambdas": [float(x) for x in lambdas] if method.uses_lambda else None,
                     "targets": int(len(targets.images)), "train": train.pixels_and_metadata_hash}
         path = build_dir / SCORES_DIR / f"{entry.name}.npz"
-        meta_path = path.with_suffix(".json")
-        if not force and path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == identity:
+        if not recompute and _stored_scores_match(path, identity):
             status[entry.name] = "cached"
-            continue
+            return
+        clear_stale_temps(path, path.with_suffix(".json"))  # a killed writer's: we hold the entry's lock
         matrices = score_targets(method, models, train, targets.images, settings, lambdas, feature_root,
                                  progress, seed=0)
-        keys = list(matrices)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, lambdas=np.array(keys, dtype=np.float64),
-                         scores=np.stack([matrices[k] for k in keys]).astype(np.float32))
-        write_json_atomic(meta_path, identity)
+        _write_scores(path, matrices, identity)
         status[entry.name] = "written"
-    return status
+
+    waiting = []
+    for entry in entries:
+        with try_lock(build_dir / SCORES_DIR / f"{entry.name}.lock") as mine:
+            if mine:
+                run(entry, force)
+            else:
+                waiting.append(entry)
+    for entry in waiting:
+        # Another worker had it: wait for it, then use what it wrote (even when forced).
+        with hold_lock(build_dir / SCORES_DIR / f"{entry.name}.lock"):
+            run(entry, False)
+    return {entry.name: status[entry.name] for entry in entries}
 
 
 def load_scores(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(lambdas (L,), scores (L, T, n)) from an ``.npz`` of :func:`compute_scores` or a plain
-    ``.npy`` score matrix (T, n) (then lambdas = [NaN])."""
+    ``.npy`` score matrix (T, n) (then lambdas = [NaN]).
+
+    A matrix of ``compute_scores`` (a ``.json`` marker beside it) must match the checksum in its
+    marker (:class:`~dtrak_core.evaluation.units.CorruptUnitError` otherwise).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"score file {path} does not exist")
@@ -231,6 +290,9 @@ def load_scores(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if scores.ndim != 2:
             raise ValueError(f"{path} holds an array of shape {scores.shape}; expected a score matrix (targets, train)")
         return np.array([np.nan]), scores[None]
+    marker = read_record(path.with_suffix(".json"), REDO_SCORES)
+    if marker is not None:
+        check_file(path, marker.get(FILE_CHECKSUM), REDO_SCORES)
     with np.load(path) as data:
         if "scores" not in data or "lambdas" not in data:
             raise ValueError(f"{path} has no 'scores' and 'lambdas' arrays; expected a file of 'lds attribute'")
@@ -301,10 +363,13 @@ def evaluate(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
     results: dict = {"entries": {}, "progress": build_progress(build_dir)}
     arrays: dict[str, np.ndarray] = {}
     report = load_outputs(build_dir, "report")
+    num_targets = stored_target_count(build_dir / TARGETS_DIR)
+    ensure_writable(build_dir / RESULTS_DIR, RESULTS_BYTES + len(entries) * num_targets * report.num_subsets * 4,
+                    "LDS results")
     results["report_subsets"] = report.subset_names
     for entry in entries:
         path = build_dir / SCORES_DIR / f"{entry.name}.npz"
-        if not path.exists():
+        if not path.exists() or not path.with_suffix(".json").exists():  # no marker: not finished
             results["entries"][entry.name] = {"label": entry.label, "status": "pending: no scores yet"}
             continue
         lambdas, scores = load_scores(path)
@@ -319,10 +384,27 @@ def evaluate(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT_GRID,
             kind: common_factor_share(report.losses[:, targets.indices(kind)])
             for kind in TARGET_KINDS if len(targets.indices(kind)) >= 2}
     out = build_dir / RESULTS_DIR
-    write_json_atomic(out / RESULTS_FILE, results)
-    with atomic_path(out / PREDICTIONS_FILE) as tmp:
+
+    def write_predictions(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+    # One writer at a time (the lock lives in the git-ignored scores/); the predictions first, then
+    # the results that hold their checksum (the marker).
+    with hold_lock(build_dir / SCORES_DIR / "results.lock"):
+        clear_stale_temps(out / PREDICTIONS_FILE, out / RESULTS_FILE)
+        results[FILE_CHECKSUM] = write_file(out / PREDICTIONS_FILE, write_predictions, "lds.results.predictions")
+        results = write_record(out / RESULTS_FILE, results, "lds.results")
+    return results
+
+
+def read_results(build_dir: str | Path) -> dict:
+    """``results/lds.json``, verified, with ``results/predictions.npz`` checked against it."""
+    out = Path(build_dir) / RESULTS_DIR
+    results = read_record(out / RESULTS_FILE, REDO_RESULTS)
+    if results is None:
+        raise FileNotFoundError(f"{out / RESULTS_FILE} does not exist; run 'lds score --build {build_dir}' first")
+    check_file(out / PREDICTIONS_FILE, results.get(FILE_CHECKSUM), REDO_RESULTS)
     return results
 
 
