@@ -143,18 +143,29 @@ class ImageFolderDataset:
         return self._pixels_and_metadata_hash
 
 
-def _read_metadata(root: Path) -> pd.DataFrame:
+def _confine_all(root: Path, metadata: pd.DataFrame, listed: bool) -> list[Path]:
+    """The resolved path of every row, checked by :func:`confined_path` (rows of every split: a
+    hostile row is refused even when its split is not loaded)."""
+    where = (lambda row: f"{root / METADATA_FILE} row {row}") if listed else (lambda row: f"dataset folder {root}")
+    return [confined_path(root, str(file_name), where(row))
+            for row, file_name in enumerate(metadata["file_name"], start=1)]
+
+
+def _read_metadata(root: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """The metadata (read, or one row per image file) and each row's confined path."""
     path = root / METADATA_FILE
     if not path.exists():
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return pd.DataFrame({"file_name": files})
+        metadata = pd.DataFrame({"file_name": files})
+        return metadata, _confine_all(root, metadata, listed=False)
     try:
         metadata = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path} is not a readable CSV file: {error}") from None
     if "file_name" not in metadata.columns:
         raise DatasetError(f"{path} has no 'file_name' column; columns are {list(metadata.columns)}")
+    paths = _confine_all(root, metadata, listed=True)  # before anything else looks at the files
     duplicated = metadata["file_name"][metadata["file_name"].duplicated()]
     if len(duplicated):
         raise DatasetError(f"{path} lists {duplicated.iloc[0]!r} more than once")
@@ -164,7 +175,7 @@ def _read_metadata(root: Path) -> pd.DataFrame:
     if unlisted:
         raise DatasetError(f"{root / unlisted[0]} has no row in {path} "
                            f"({len(unlisted)} image(s) without a metadata row)")
-    return metadata
+    return metadata, paths
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -228,12 +239,7 @@ def load_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
-    metadata = _read_metadata(root)
-    listed = (root / METADATA_FILE).exists()
-    # Every row, before any image is opened (rows of other splits too: the file is hostile or not).
-    paths = [confined_path(root, str(file_name),
-                           f"{root / METADATA_FILE} row {row}" if listed else f"dataset folder {root}")
-             for row, file_name in enumerate(metadata["file_name"], start=1)]
+    metadata, paths = _read_metadata(root)
     if split is not None:
         if "split" not in metadata.columns:
             raise DatasetError(f"{root / METADATA_FILE} has no 'split' column to select {split!r}")
