@@ -17,6 +17,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import streamlit as st
@@ -76,13 +77,14 @@ def is_loopback(address: str | None) -> bool:
         return False
 
 
-def served_beyond_loopback() -> bool:
-    """Whether a browser reached this session through a server that listens beyond loopback.
+def served_beyond_loopback(headers: Mapping[str, str], address: str | None) -> bool:
+    """Whether a browser reached this session (its request ``headers``) through a server whose
+    ``address`` option listens beyond loopback.
 
     A headless run (AppTest, the app benchmark) has no HTTP request, hence no headers, and no
     listening server.
     """
-    return bool(st.context.headers) and not is_loopback(st.get_option("server.address"))
+    return bool(headers) and not is_loopback(address)
 
 
 def token_matches(given: str, token: str) -> bool:
@@ -101,9 +103,9 @@ def require_access() -> None:
     """
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
-        if served_beyond_loopback():
-            address = st.get_option("server.address") or "every interface"
-            st.error(f"dtrak refuses to serve: it listens on {md_escape(address)}, beyond this computer, and "
+        address = st.get_option("server.address")
+        if served_beyond_loopback(st.context.headers, address):
+            st.error(f"dtrak refuses to serve: it listens on {md_escape(address or 'every interface')}, beyond this computer, and "
                      f"`{TOKEN_ENV}` is not set. Whoever reaches this address could browse the training images, "
                      f"register models and start jobs. Either listen on 127.0.0.1 only (`make run` without HOST), "
                      f"or {HOW_TO_TOKEN}.")
