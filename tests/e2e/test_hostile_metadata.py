@@ -214,7 +214,7 @@ def test_every_interface_without_a_token_is_refused(tmp_path):
 
     with serving(no_model(tmp_path, ""), tmp_path / "streamlit.log", address="0.0.0.0") as url, \
             browser_page(url) as (page, foreign):
-        for path in ("/", "/jobs", "/training_data"):
+        for path in ("/", "/jobs"):
             page.goto(f"{url}{path}", timeout=90_000)
             expect(page.get_by_text("dtrak refuses to serve: it listens on 0.0.0.0")).to_be_visible(timeout=90_000)
             settled(page)
