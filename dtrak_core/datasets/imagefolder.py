@@ -20,6 +20,7 @@ path outside exists, and what a link points to, is never revealed.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -62,23 +63,24 @@ def pillow_bomb_pixels(error: Exception) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def confined_path(root: Path, file_name: str, where: str) -> Path:
+def confined_path(root: Path, file_name: str, where: str, base: str | None = None) -> Path:
     """``root / file_name`` with links followed, if it lies strictly inside ``root``.
 
-    ``where`` names the origin of ``file_name`` for the error (a metadata row, or the folder).
-    The error quotes ``file_name`` as given, never the resolved path, and is the same whether or
-    not that path exists, so it reveals nothing outside the folder.
+    ``where`` names the origin of ``file_name`` for the error (a metadata row, or the folder);
+    ``base``: ``root`` resolved, when the caller checks many names. The error quotes
+    ``file_name`` as given, never the resolved path, and is the same whether or not that path
+    exists, so it reveals nothing outside the folder.
     """
-    base = root.resolve()
+    base = os.path.realpath(root) if base is None else base
     try:
-        resolved = (base / file_name).resolve()
-        inside = resolved != base and resolved.is_relative_to(base)
+        resolved = os.path.realpath(os.path.join(base, file_name))
+        inside = resolved.startswith(base.rstrip(os.sep) + os.sep)
     except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte, a name too long
         inside = False
     if not inside:
         raise DatasetError(f"{where}: file_name {file_name!r} must name a file inside the dataset folder "
                            f"{root} (after following links)")
-    return resolved
+    return Path(resolved)
 
 
 @dataclass
@@ -147,7 +149,8 @@ def _confine_all(root: Path, metadata: pd.DataFrame, listed: bool) -> list[Path]
     """The resolved path of every row, checked by :func:`confined_path` (rows of every split: a
     hostile row is refused even when its split is not loaded)."""
     where = (lambda row: f"{root / METADATA_FILE} row {row}") if listed else (lambda row: f"dataset folder {root}")
-    return [confined_path(root, str(file_name), where(row))
+    base = os.path.realpath(root)
+    return [confined_path(root, str(file_name), where(row), base)
             for row, file_name in enumerate(metadata["file_name"], start=1)]
 
 
