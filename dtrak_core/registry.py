@@ -93,8 +93,8 @@ def _confined(folder: str | Path, what: str, roots: list[Path]) -> Path:
         inside = False
     if not str(folder).strip() or not inside:
         raise RegistryError(f"{what} {str(folder)!r} is not under an allowed root ({paths.MODELS_DIR.name}/, "
-                            f"the cache, or a folder listed in {ROOTS_ENV}); move or link it there, or add "
-                            f"its parent to {ROOTS_ENV} where the app is started")
+                            f"the cache, or a folder listed in {ROOTS_ENV}); move or copy it there (a link out "
+                            f"is followed), or add its parent to {ROOTS_ENV} where the app is started")
     return resolved
 
 

@@ -23,7 +23,8 @@ def roots(tiny_model_dir, monkeypatch):
 
 def outside_message(what: str, folder) -> str:
     return (f"{what} {str(folder)!r} is not under an allowed root (models/, the cache, or a folder listed in "
-            "DTRAK_MODEL_ROOTS); move or link it there, or add its parent to DTRAK_MODEL_ROOTS where the app "
+            "DTRAK_MODEL_ROOTS); move or copy it there (a link out is followed), or add its parent to "
+            "DTRAK_MODEL_ROOTS where the app "
             "is started")
 
 
