@@ -105,7 +105,8 @@ def require_access() -> None:
     if not token:
         address = st.get_option("server.address")
         if served_beyond_loopback(st.context.headers, address):
-            st.error(f"dtrak refuses to serve: it listens on {md_escape(address or 'every interface')}, beyond this computer, and "
+            where = md_escape(address or "every interface")
+            st.error(f"dtrak refuses to serve: it listens on {where}, beyond this computer, and "
                      f"`{TOKEN_ENV}` is not set. Whoever reaches this address could browse the training images, "
                      f"register models and start jobs. Either listen on 127.0.0.1 only (`make run` without HOST), "
                      f"or {HOW_TO_TOKEN}.")

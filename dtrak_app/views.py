@@ -49,7 +49,8 @@ def score_histogram(table: pd.DataFrame, marked: dict[str, pd.DataFrame], title:
     for name, rows in marked.items():
         figure.add_trace(go.Scatter(x=rows["score"], y=np.zeros(len(rows)), mode="markers", name=f"shown {name}",
                                     marker=dict(size=10, symbol="triangle-up", color=colours.get(name)),
-                                    text=[plotly_text(f) for f in rows["file_name"]], hovertemplate="%{text}: %{x:.4g}<extra></extra>"))
+                                    text=[plotly_text(f) for f in rows["file_name"]],
+                                    hovertemplate="%{text}: %{x:.4g}<extra></extra>"))
     figure.update_layout(title=plotly_text(title), xaxis_title="score", yaxis_title="training images", height=320,
                          margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
     return figure

@@ -28,7 +28,10 @@ from PIL import Image
 
 from dtrak_app.text import WORD_JOINER
 from tests.app.conftest import FAST, REPO, build_app_env
-from tests.e2e.test_browser import ARGS, CHROMIUM, free_port, pytestmark, settled, wait_until_serving  # noqa: F401
+from tests.e2e.test_browser import ARGS, CHROMIUM, free_port, settled, wait_until_serving
+from tests.e2e.test_browser import pytestmark as browser_mark
+
+pytestmark = browser_mark  # as the other browser test: skipped without chromium, except under CI
 
 TOKEN = "e2e-token-0123456789abcdef"
 
