@@ -8,7 +8,7 @@ PORT ?= 8501
 DATA := cache/emoji3/metadata.csv
 DATA16 := cache/emoji3-16/metadata.csv
 
-.PHONY: install data run test demo-model mini-model clean
+.PHONY: install data check-host run test demo-model mini-model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ $(DATA16): | $(STAMP)
 
 data: $(DATA) $(DATA16)
 
-run: install data
+# Beyond this computer the app needs a secret (it checks too: dtrak_app/common.py require_access).
+check-host:
+	@case "$(HOST)" in 127.*|localhost|::1) ;; *) if [ -z "$$DTRAK_TOKEN" ]; then \
+	  echo "error: HOST=$(HOST) would let anyone who reaches this machine browse the training images, register" \
+	    "models and start jobs; set DTRAK_TOKEN to a random string of at least 16 characters" \
+	    "(python3 -c 'import secrets; print(secrets.token_urlsafe(24))') and open the app with ?token=<it>," \
+	    "or leave HOST at 127.0.0.1 (see README, Threat model)" >&2; exit 2; fi ;; esac
+
+run: check-host install data
 	$(VENV)/bin/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true
 
 test: install data

@@ -1,7 +1,8 @@
 """dtrak: which training images made this generated image? (Streamlit entry point.)
 
 Run with ``make run`` (listens on 127.0.0.1). The pages live in ``pages/``; shared widgets and
-caching in ``dtrak_app/``; every computation in ``dtrak_core``.
+caching in ``dtrak_app/``; every computation in ``dtrak_core``. Served beyond loopback, the app
+requires the secret ``DTRAK_TOKEN`` (``dtrak_app.common.require_access``, checked before any page).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from dtrak_app.common import keep_shared_state
+from dtrak_app.common import keep_shared_state, require_access
 
 HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="dtrak", page_icon=":mag:", layout="wide")
+require_access()  # stops the run (showing why, or a token form) unless this session may see the app
 
 PAGES = [
     st.Page("pages/attribute.py", title="Attribute", icon=":material/image_search:", default=True),

@@ -11,9 +11,13 @@ are kept in a :class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
 from __future__ import annotations
 
 import base64
+import hmac
 import io
+import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import streamlit as st
@@ -21,6 +25,7 @@ from PIL import Image
 
 from dtrak_app.card import upscale
 from dtrak_app.score_cache import ScoreCache, model_hashes, score_context, target_key
+from dtrak_app.text import md_escape
 from dtrak_app.uploads import TargetError, prepare_upload
 from dtrak_core import jobs, paths, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
@@ -47,13 +52,100 @@ def cache_root() -> Path:
     return paths.cache_dir()
 
 
+# ----------------------------------------------------------------------------- access
+
+#: The secret a browser must present when the app is served (required beyond loopback).
+TOKEN_ENV = "DTRAK_TOKEN"
+#: A shorter token is refused: nothing limits how fast a network client can guess.
+MIN_TOKEN_CHARS = 16
+_GRANTED = "_access_granted"
+_TOKEN_INPUT = "_access_token_input"
+HOW_TO_TOKEN = ("set it to a long random string, for example "
+                "`DTRAK_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(24))')`, restart, and "
+                "open the app once with `?token=` and that string in the URL (or type it in)")
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a server address option listens on this computer only (None or "" = every interface)."""
+    if not address:
+        return False
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def served_beyond_loopback(headers: Mapping[str, str], address: str | None) -> bool:
+    """Whether a browser reached this session (its request ``headers``) through a server whose
+    ``address`` option listens beyond loopback.
+
+    A headless run (AppTest, the app benchmark) has no HTTP request, hence no headers, and no
+    listening server.
+    """
+    return bool(headers) and not is_loopback(address)
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Constant-time comparison (the time taken does not tell how much of a guess was right)."""
+    return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+
+def require_access() -> None:
+    """Stop this run unless the session may use the app; called first by ``app.py`` and by every page.
+
+    Without ``DTRAK_TOKEN`` the app serves loopback only: served beyond it, it shows why it refuses
+    and how to set a token. With ``DTRAK_TOKEN`` every session must present it once, as
+    ``?token=...`` (removed from the URL at once, so links and history never carry it) or typed
+    into the form; the session then keeps the grant. Pages call it too: on a fresh server,
+    Streamlit may run a page of ``pages/`` directly, without ``app.py``, until ``app.py`` has run once.
+    """
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        address = st.get_option("server.address")
+        if served_beyond_loopback(st.context.headers, address):
+            where = md_escape(address or "every interface")
+            st.error(f"dtrak refuses to serve: it listens on {where}, beyond this computer, and "
+                     f"`{TOKEN_ENV}` is not set. Whoever reaches this address could browse the training images, "
+                     f"register models and start jobs. Either listen on 127.0.0.1 only (`make run` without HOST), "
+                     f"or {HOW_TO_TOKEN}.")
+            st.stop()
+        return
+    if len(token) < MIN_TOKEN_CHARS:
+        st.error(f"`{TOKEN_ENV}` is {len(token)} characters long; at least {MIN_TOKEN_CHARS} are required: "
+                 f"{HOW_TO_TOKEN}.")
+        st.stop()
+    if st.session_state.get(_GRANTED):
+        return
+    offered, wrong = [], False
+    if "token" in st.query_params:
+        offered.append(st.query_params["token"])
+        del st.query_params["token"]
+    if st.session_state.get(_TOKEN_INPUT):
+        offered.append(st.session_state[_TOKEN_INPUT])
+    for given in offered:
+        if token_matches(given, token):
+            st.session_state[_GRANTED] = True
+            return
+        wrong = True
+    st.title("dtrak")
+    if wrong:
+        st.error("That token is not the one this server was started with.")
+    with st.form("sign_in"):
+        st.text_input("Access token", type="password", key=_TOKEN_INPUT,
+                      help=f"the value of {TOKEN_ENV} where the app was started")
+        st.form_submit_button("Open")
+    st.stop()
+
+
 # ----------------------------------------------------------------------------- URL state
 
 def _parse(name: str, text: str, kind: type):
     try:
         return kind(text)
     except (TypeError, ValueError):
-        st.warning(f"Ignoring the link's {name}={text!r}: expected a {kind.__name__}.")
+        st.warning(f"Ignoring the link's {name}={md_escape(repr(text))}: expected a {kind.__name__}.")
         return DEFAULTS[name]
 
 
@@ -88,7 +180,7 @@ def init_state() -> None:
             st.warning(f"Ignoring the link's {name}={st.session_state[name]}: expected {low}..{high}.")
             st.session_state[name] = DEFAULTS[name]
     if st.session_state["method"] not in APP_METHODS:
-        st.warning(f"Unknown method {st.session_state['method']!r} in the link; using D-TRAK.")
+        st.warning(f"Unknown method {md_escape(repr(st.session_state['method']))} in the link; using D-TRAK.")
         st.session_state["method"] = DEFAULTS["method"]
     if st.session_state["target"] not in TARGET_KINDS:
         st.session_state["target"] = DEFAULTS["target"]
@@ -145,13 +237,16 @@ def _register_form() -> None:
             name = st.text_input("Name", key="reg_name")
             model_dir = st.text_input("Pipeline folder (diffusers DDPMPipeline)", key="reg_model")
             data_dir = st.text_input("Training image folder", key="reg_data")
+            replace = st.checkbox("Replace the model registered under this name", key="reg_replace")
+            st.caption("Folders must be under the project's models/ or cache folder, or a folder listed in "
+                       f"{registry.ROOTS_ENV} where the app was started.")
             if st.form_submit_button("Register"):
                 try:
-                    entry = registry.register_model(name, model_dir, data_dir, cache_root())
+                    entry = registry.register_model(name, model_dir, data_dir, cache_root(), replace=replace)
                 except (ModelError, DatasetError, ValueError) as error:
-                    st.error(f"Not registered: {error}")
+                    st.error(f"Not registered: {md_escape(error)}")
                 else:
-                    st.success(f"Registered {entry.name}.")
+                    st.success(f"Registered {md_escape(entry.name)}.")
                     st.session_state["model"] = entry.name
 
 
@@ -161,7 +256,7 @@ def model_context() -> Context | None:
     try:
         entries = registry.list_models(cache_root())
     except ValueError as error:
-        st.error(str(error))
+        st.error(md_escape(error))
         return None
     _register_form()
     if not entries:
@@ -171,8 +266,8 @@ def model_context() -> Context | None:
     names = [e.name for e in entries]
     if st.session_state.get("model") not in names:
         if st.session_state.get("model"):
-            st.warning(f"Model {st.session_state['model']!r} from the link is not registered here; "
-                       f"showing {names[0]}.")
+            st.warning(f"Model {md_escape(repr(st.session_state['model']))} from the link is not registered "
+                       f"here; showing {md_escape(names[0])}.")
         st.session_state["model"] = names[0]
     st.sidebar.selectbox("Model", names, key="model")
     entry = entries[names.index(st.session_state["model"])]
@@ -182,16 +277,16 @@ def model_context() -> Context | None:
         try:
             load_model(entry.model_dir)  # says precisely what is wrong (no folder, not a pipeline, type)
         except ModelError as error:
-            st.error(f"Model {entry.name}: {error}")
+            st.error(f"Model {md_escape(entry.name)}: {md_escape(error)}")
             return None
-        st.error(f"Model {entry.name}: {entry.model_dir} has no UNet weights "
+        st.error(f"Model {md_escape(entry.name)}: {md_escape(entry.model_dir)} has no UNet weights "
                  "(unet/diffusion_pytorch_model.safetensors); expected a saved DDPMPipeline.")
         return None
     try:
         model = _cached_model(entry.model_dir, files_hash)
         train = _cached_training_set(entry.model_dir, files_hash, entry.data_dir)
     except (ModelError, DatasetError, ValueError) as error:
-        st.error(f"Model {entry.name}: {error}")
+        st.error(f"Model {md_escape(entry.name)}: {md_escape(error)}")
         return None
     st.sidebar.caption(f"{len(train)} training images, {train.image_size}x{train.image_size} px; "
                        f"weights {files_hash[:10]}")
@@ -252,7 +347,7 @@ def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
         try:
             prepared = prepare_upload(upload.getvalue(), ctx.size, upload.name)
         except TargetError as error:
-            st.error(str(error))
+            st.error(md_escape(error))
             return None
         return Target(prepared.image, f"upload {upload.name}", None, prepared.note)
     if kind == "seed":
@@ -367,9 +462,10 @@ def show_job(job: jobs.Job) -> None:
         text += f", {done} of {total} images"
     if job.active:
         text += f", ETA {format_seconds(job.eta_seconds)}"
-    st.progress(fraction if job.state != "done" else 1.0, text=text)
+    st.progress(fraction if job.state != "done" else 1.0, text=md_escape(text))
     if job.state == "failed":
-        st.error(f"The job failed: {job.message}\n\n{job.log_tail(5)}")
+        st.error(f"The job failed: {md_escape(job.message)}")
+        st.code(job.log_tail(5) or "(no output)")
 
 
 def features_pending(ctx: Context, method: Method, K: int, k: int) -> jobs.Job | None:
@@ -380,7 +476,7 @@ def features_pending(ctx: Context, method: Method, K: int, k: int) -> jobs.Job |
     try:
         status = feature_status(ctx.model, ctx.train, settings, cache_root() / "features")
     except ValueError as error:
-        st.error(str(error))
+        st.error(md_escape(error))
         return None
     if status.state == "complete":
         return None

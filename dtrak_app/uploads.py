@@ -9,13 +9,16 @@ loader does) and pads to a square on white before resizing, so nothing is croppe
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dtrak_core.datasets.imagefolder import MAX_PIXELS, decompression_bomb_message, pillow_bomb_pixels
+
 MAX_UPLOAD_BYTES = 10 * 2**20
-MAX_UPLOAD_PIXELS = 4096 * 4096
+MAX_UPLOAD_PIXELS = MAX_PIXELS  # the dataset loader's limit: one place
 
 
 class TargetError(ValueError):
@@ -41,20 +44,23 @@ def prepare_upload(data: bytes, size: int, name: str = "upload", max_bytes: int 
     if len(data) > max_bytes:
         raise TargetError(f"{name} is {len(data) / 2**20:.1f} MiB; at most {max_bytes / 2**20:.0f} MiB is accepted")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise TargetError(f"{name} is {width}x{height} = {width * height:,} pixels; at most "
-                                  f"{max_pixels:,} pixels are accepted")
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-            else:
-                rgb = image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the error that explains
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise TargetError(decompression_bomb_message(name, width * height, max_pixels, (width, height)))
+                image.load()
+                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                    rgba = image.convert("RGBA")
+                    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+                else:
+                    rgb = image.convert("RGB")
     except TargetError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # over Pillow's own limit: refused before we see the size
+        raise TargetError(decompression_bomb_message(name, pillow_bomb_pixels(error), max_pixels)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise TargetError(f"{name} is not a readable image ({type(error).__name__}); expected PNG, JPEG, "
                           "GIF, WebP or BMP") from None
     notes = []

@@ -11,6 +11,7 @@ import streamlit as st
 
 from dtrak_app import common as c
 from dtrak_app.card import CardEntry, render_card
+from dtrak_app.text import md_escape, plotly_text
 from dtrak_core import jobs
 from dtrak_core.attribution.methods import METHODS
 from dtrak_core.attribution.dataset_features import feature_status
@@ -37,7 +38,7 @@ def tiles(train_images: np.ndarray, table: pd.DataFrame, columns: int = 5, side:
     for i, row in enumerate(table.itertuples(index=False)):
         with cols[i % columns]:
             st.image(c.pixel_image_url(train_images[row.train_index], side), caption=f"#{row.rank}  score {row.score:+.3g}")
-            st.caption(f"{row.label or ''} · `{row.file_name}`")
+            st.caption(f"{md_escape(row.label or '')} · {md_escape(row.file_name)}")
 
 
 def score_histogram(table: pd.DataFrame, marked: dict[str, pd.DataFrame], title: str) -> go.Figure:
@@ -48,8 +49,9 @@ def score_histogram(table: pd.DataFrame, marked: dict[str, pd.DataFrame], title:
     for name, rows in marked.items():
         figure.add_trace(go.Scatter(x=rows["score"], y=np.zeros(len(rows)), mode="markers", name=f"shown {name}",
                                     marker=dict(size=10, symbol="triangle-up", color=colours.get(name)),
-                                    text=rows["file_name"], hovertemplate="%{text}: %{x:.4g}<extra></extra>"))
-    figure.update_layout(title=title, xaxis_title="score", yaxis_title="training images", height=320,
+                                    text=[plotly_text(f) for f in rows["file_name"]],
+                                    hovertemplate="%{text}: %{x:.4g}<extra></extra>"))
+    figure.update_layout(title=plotly_text(title), xaxis_title="score", yaxis_title="training images", height=320,
                          margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
     return figure
 
@@ -59,9 +61,10 @@ def artist_chart(table: pd.DataFrame, top_k: int) -> go.Figure | None:
     if table["label"].isna().all():
         return None
     shares = artist_shares(table, top_k)
+    labels = [plotly_text(label) for label in shares["label"]]
     figure = go.Figure([
-        go.Bar(x=shares["label"], y=shares["share_of_top_k"], name=f"share of the top {top_k}"),
-        go.Bar(x=shares["label"], y=shares["share_of_positive_score"], name="share of all positive score"),
+        go.Bar(x=labels, y=shares["share_of_top_k"], name=f"share of the top {top_k}"),
+        go.Bar(x=labels, y=shares["share_of_positive_score"], name="share of all positive score"),
     ])
     figure.update_layout(barmode="group", yaxis_tickformat=".0%", height=320, title="Artists",
                          margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))

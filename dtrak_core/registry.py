@@ -7,13 +7,19 @@ atomically under a lock). Registration checks everything cheap before saving: th
 loads as a supported pipeline and its training set loads and fits the model; so the app only
 ever reads files inside registered folders.
 
+Confinement: both folders must lie, after following links, under one of the allowed roots
+(:func:`allowed_roots`: the project's ``models/``, the cache folder, and the folders listed in
+``DTRAK_MODEL_ROOTS``). Anyone who can reach the app can type a path into its form, so a folder
+outside them is refused with one message that is the same whether it exists or not, before
+anything in it is read. A name already registered is replaced only when asked (``replace``);
+the names of the embedded and environment models cannot be registered (they would be hidden).
+
 The environment may add one more entry (``DTRAK_MODEL_DIR`` and ``DTRAK_DATA_DIR``, named by
 ``DTRAK_MODEL_NAME``): tests and deployments point the app at a model this way.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -22,7 +28,7 @@ from pathlib import Path
 
 from dtrak_core import paths
 from dtrak_core.attribution.loading import load_model, load_training_set
-from dtrak_core.io import write_json_atomic
+from dtrak_core.io import hold_lock, write_json_atomic
 
 REGISTRY_FILE = "registry.json"
 DEMO_NAME = "emoji3-demo"
@@ -30,6 +36,12 @@ DEMO_NAME = "emoji3-demo"
 #: results the Benchmark and Counterfactual pages show.
 MINI_NAME = "emoji3-mini"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Extra folders (os.pathsep-separated) under which models and training images may be registered.
+ROOTS_ENV = "DTRAK_MODEL_ROOTS"
+
+
+class RegistryError(ValueError):
+    """A registration is refused (outside the allowed roots, or a name taken); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,32 @@ def _read(path: Path) -> list[ModelEntry]:
         raise ValueError(f"{path} is not a model registry ({error}); delete it to start afresh") from None
 
 
+def allowed_roots(cache_root: str | Path | None = None) -> list[Path]:
+    """The folders registrations may point into, resolved: ``models/``, the cache, ``DTRAK_MODEL_ROOTS``."""
+    extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    roots = [paths.MODELS_DIR, Path(cache_root or _cache_root()), *extra]
+    return list(dict.fromkeys(root.resolve() for root in roots))
+
+
+def _confined(folder: str | Path, what: str, roots: list[Path]) -> Path:
+    """``folder`` resolved (links followed) if it lies under one of ``roots``; else RegistryError.
+
+    The message quotes the folder as typed and is the same whether it exists or not.
+    """
+    try:
+        given = Path(folder).expanduser()
+        resolved = given.resolve()
+        # ".." is refused outright: resolving it after a link would tell links from folders outside.
+        inside = ".." not in given.parts and any(resolved.is_relative_to(root) for root in roots)
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte, a name too long
+        inside = False
+    if not str(folder).strip() or not inside:
+        raise RegistryError(f"{what} {str(folder)!r} is not under an allowed root ({paths.MODELS_DIR.name}/, "
+                            f"the cache, or a folder listed in {ROOTS_ENV}); move or copy it there (a link out "
+                            f"is followed), or add its parent to {ROOTS_ENV} where the app is started")
+    return resolved
+
+
 def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
     """Environment entry first (if set), then the embedded demo and mini models (if present and
     not hidden by DTRAK_HIDE_DEMO), then registrations."""
@@ -77,19 +115,33 @@ def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
 
 
 def register_model(name: str, model_dir: str | Path, data_dir: str | Path,
-                   cache_root: str | Path | None = None) -> ModelEntry:
-    """Check and save a registration; raises ModelError / DatasetError / ValueError with the reason."""
+                   cache_root: str | Path | None = None, replace: bool = False) -> ModelEntry:
+    """Check and save a registration.
+
+    Raises RegistryError (outside the allowed roots; the name is taken and ``replace`` is False;
+    an embedded or environment model's name), ValueError (a malformed name), ModelError (not a
+    supported pipeline) or DatasetError (the training images are missing, unreadable or do not
+    fit), each with the reason. Folders are checked against the roots before anything is read.
+    """
     if not _NAME.match(name or ""):
         raise ValueError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
-    model_dir, data_dir = Path(model_dir).expanduser().resolve(), Path(data_dir).expanduser().resolve()
+    reserved = {e.name: e for e in list_models(cache_root) if e.source != "registered"}
+    if name in reserved:
+        raise RegistryError(f"model name {name!r} belongs to the {reserved[name].source} model; choose another name")
+    roots = allowed_roots(cache_root)
+    model_dir = _confined(model_dir, "model folder", roots)
+    data_dir = _confined(data_dir, "training image folder", roots)
     model = load_model(model_dir)  # ModelError: not a (supported) pipeline
     load_training_set(model, data_dir)  # DatasetError: missing, unreadable, wrong size, wrong count
     entry = ModelEntry(name, str(model_dir), str(data_dir))
     path = registry_path(cache_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        entries = [e for e in _read(path) if e.name != name] + [entry]
+    with hold_lock(path.with_suffix(".lock")):
+        entries = _read(path)
+        taken = next((e for e in entries if e.name == name), None)
+        if taken is not None and not replace:
+            raise RegistryError(f"a model named {name!r} is already registered (pipeline folder {taken.model_dir}, "
+                                f"training images {taken.data_dir}); choose another name or ask to replace it")
+        entries = [e for e in entries if e.name != name] + [entry]
         write_json_atomic(path, [{k: v for k, v in asdict(e).items() if k != "source"} for e in entries])
     return entry

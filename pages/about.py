@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dtrak_app import common as c
 from dtrak_core.datasets.emoji3 import ARTISTS, LICENCES
 from dtrak_core.paths import REPO_ROOT
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 st.title("About dtrak")
 st.markdown("""

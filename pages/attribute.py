@@ -6,8 +6,11 @@ import streamlit as st
 
 from dtrak_app import common as c
 from dtrak_app import views
+from dtrak_app.text import md_escape
 from dtrak_core.attribution.methods import METHODS, FeaturesNotReady
 from dtrak_core.attribution.results import most_neutral, score_table, top_opponents, top_proponents
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 TOP = 10
 NEUTRAL = 5
@@ -35,10 +38,10 @@ try:
     with st.spinner("Scoring the training images..."):
         scores = c.scores_for(ctx, target, shown_method, K, k, lam)
 except FeaturesNotReady as error:  # the features vanished between the check and the scoring
-    st.warning(str(error))
+    st.warning(md_escape(error))
     st.stop()
 except ValueError as error:
-    st.error(str(error))
+    st.error(md_escape(error))
     st.stop()
 
 label = METHODS[shown_method].label
@@ -49,9 +52,9 @@ neutral = most_neutral(table, NEUTRAL)
 left, right = st.columns([1, 3])
 with left:
     st.subheader("Target")
-    st.image(c.pixel_image_url(target.image, 256), caption=target.label)
+    st.image(c.pixel_image_url(target.image, 256), caption=md_escape(target.label))
     if target.note:
-        st.caption(target.note)
+        st.caption(md_escape(target.note))
     st.caption(f"Method: **{label}** · {METHODS[shown_method].summary}")
 with right:
     st.subheader(f"Top {len(proponents)} proponents")

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app.text import md_escape, plotly_text
 from dtrak_core.evaluation.lds.config import TARGET_KINDS
 from dtrak_core.evaluation.lds.outputs import load_outputs
 from dtrak_core.evaluation.lds.report import PAPER_LDS
@@ -24,6 +25,8 @@ from dtrak_core.evaluation.lds.scores import DEFAULT_GRID, PREDICTIONS_FILE, RES
 from dtrak_core.evaluation.lds.targets import Targets
 from dtrak_core.evaluation.metrics import spearman
 from dtrak_core.paths import REPO_ROOT
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 KIND_LABELS = {"validation": "held-out validation images", "generated": "generated images"}
 
@@ -109,7 +112,7 @@ st.caption("Linear Datamodeling Score: retrain on many random halves of the trai
 folder = build_dir()
 results_path = folder / "results" / RESULTS_FILE
 if not results_path.exists():
-    st.info(f"No LDS results in {folder} yet. Build and score them with `python -m dtrak_core lds build`, "
+    st.info(f"No LDS results in {md_escape(folder)} yet. Build and score them with `python -m dtrak_core lds build`, "
             "`lds attribute` and `lds score` (see docs/benchmarks/lds.md).")
     st.stop()
 results, predictions = load(str(folder), results_path.stat().st_mtime)
@@ -177,9 +180,9 @@ predicted = predictions[key][index]
 actual = -losses[:, rows[index]]
 rho = float(spearman(predicted, actual))
 left, right = st.columns([1, 3])
-left.image(c.pixel_image_url(targets.images[rows[index]], 128), caption=targets.names[rows[index]])
+left.image(c.pixel_image_url(targets.images[rows[index]], 128), caption=md_escape(targets.names[rows[index]]))
 left.metric("LDS of this target", "undefined" if np.isnan(rho) else f"{rho:.3f}")
-scatter = go.Figure(go.Scatter(x=predicted, y=actual, mode="markers", text=subset_names,
+scatter = go.Figure(go.Scatter(x=predicted, y=actual, mode="markers", text=[plotly_text(s) for s in subset_names],
                                marker=dict(size=7, opacity=0.7)))
 scatter.update_layout(xaxis_title="predicted: sum of scores over the subset",
                       yaxis_title="actual: minus the subset model's loss", height=420,

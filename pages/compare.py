@@ -7,8 +7,11 @@ import streamlit as st
 
 from dtrak_app import common as c
 from dtrak_app import views
+from dtrak_app.text import md_escape, plotly_text
 from dtrak_core.attribution.methods import APP_METHODS, METHODS, FeaturesNotReady
 from dtrak_core.attribution.results import rank_comparison, score_table, top_k_overlap, top_proponents
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 st.title("Compare methods")
 ctx = c.model_context()
@@ -43,11 +46,11 @@ for name in chosen:
     try:
         scores = c.scores_for(ctx, target, name, K, k, lam)
     except (FeaturesNotReady, ValueError) as error:
-        st.error(f"{METHODS[name].label}: {error}")
+        st.error(f"{METHODS[name].label}: {md_escape(error)}")
         continue
     tables[name] = score_table(scores, ctx.train.metadata, ctx.train.label_column)
 
-st.image(c.pixel_image_url(target.image, 128), caption=target.label)
+st.image(c.pixel_image_url(target.image, 128), caption=md_escape(target.label))
 if not tables:
     st.stop()
 columns = st.columns(len(tables))
@@ -72,7 +75,7 @@ if len(tables) >= 2:
     b = pair[1].selectbox("y axis", names, index=1, format_func=lambda m: METHODS[m].label)
     ranks, rho = rank_comparison(tables[a], tables[b])
     scatter = go.Figure(go.Scatter(x=ranks["rank_a"], y=ranks["rank_b"], mode="markers",
-                                   text=ranks["label"], marker=dict(size=5, opacity=0.6)))
+                                   text=[plotly_text(v) for v in ranks["label"]], marker=dict(size=5, opacity=0.6)))
     scatter.update_layout(xaxis_title=f"rank under {METHODS[a].label}", yaxis_title=f"rank under {METHODS[b].label}",
                           height=420, margin=dict(l=10, r=10, t=30, b=10),
                           title=f"Spearman rank correlation {rho:.2f}")

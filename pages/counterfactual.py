@@ -16,11 +16,14 @@ import streamlit as st
 from PIL import Image
 
 from dtrak_app import common as c
+from dtrak_app.text import md_escape
 from dtrak_core import jobs
 from dtrak_core.evaluation.counterfactual import (DEFAULT_FRACTION, CounterfactualConfig, difference_cell,
                                                   load_results, paired_comparisons, resolve_k, stored_result,
                                                   summarize)
 from dtrak_core.paths import REPO_ROOT
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 REMOVALS = {"dtrak": "D-TRAK top-k proponents", "trak": "TRAK top-k proponents", "random": "k random images"}
 
@@ -38,8 +41,16 @@ def job_args(config: CounterfactualConfig) -> list[str]:
     return args + (["--k", str(config.k)] if config.k is not None else [])
 
 
+def removal_label(method: str, markdown: bool = False) -> str:
+    """A removal in words; ``markdown``: with the artist's name escaped (labels, captions, buttons)."""
+    if method in REMOVALS:
+        return REMOVALS[method]
+    artist = method[len("artist:"):]
+    return f"every image by {md_escape(artist) if markdown else artist}"
+
+
 def show_record(record: dict, title: str) -> None:
-    """Before / after images and the two metrics of one stored experiment."""
+    """Before / after images and the two metrics of one stored experiment (``title``: Markdown)."""
     st.markdown(f"**{title}**")
     folder = Path(record["folder"])
     cols = st.columns(2)
@@ -53,8 +64,8 @@ def show_record(record: dict, title: str) -> None:
     metrics[1].metric("SSIM (lower = bigger change)", f"{record['ssim']:.3f}")
     if has_cosine:
         metrics[2].metric("embedding cosine (lower = bigger change)", f"{record['embedding_cosine']:.3f}",
-                          help=f"embedding model {record['embedding_model']}")
-    shares = ", ".join(f"{artist}: {count}" for artist, count in sorted(record["removed_by_artist"].items()))
+                          help=f"embedding model {md_escape(record['embedding_model'])}")
+    shares = ", ".join(f"{md_escape(artist)}: {count}" for artist, count in sorted(record["removed_by_artist"].items()))
     st.caption(f"removed by artist: {shares}; retrained {record['retrain_steps']} steps")
 
 
@@ -69,8 +80,9 @@ def watch(key: str) -> None:
         st.rerun()
 
 
-def run_or_progress(config: CounterfactualConfig, label: str) -> None:
-    """The job of an experiment without a stored result: its progress, or a button to start it."""
+def run_or_progress(config: CounterfactualConfig, label: str, label_md: str) -> None:
+    """The job of an experiment without a stored result: its progress, or a button to start it
+    (``label``: plain words for the job's description; ``label_md``: the same as Markdown)."""
     args = job_args(config)
     job = jobs.find_job(args, c.cache_root() / "jobs")
     if job is not None and job.active:
@@ -78,7 +90,7 @@ def run_or_progress(config: CounterfactualConfig, label: str) -> None:
         return
     if job is not None and job.state == "failed":
         c.show_job(job)
-    if st.button(f"Run: {label}", key=f"run_{config.tag}_{config.target_seed}"):
+    if st.button(f"Run: {label_md}", key=f"run_{config.tag}_{config.target_seed}"):
         jobs.submit(args, f"counterfactual seed {config.target_seed}, {label}", c.cache_root() / "jobs",
                     rerun_done=True)  # shown only while no result is stored: a done job lost it
         st.rerun()
@@ -108,7 +120,7 @@ if "cf_k" not in st.session_state:
 cols = st.columns(3)
 cols[0].number_input("Target seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
 method = cols[1].selectbox("Remove", choices, key="cf_method",
-                           format_func=lambda m: REMOVALS.get(m, f"every image by {m[len('artist:'):]}"))
+                           format_func=removal_label)
 k = int(cols[2].number_input(f"k (default {DEFAULT_FRACTION:.0%} of {n})", min_value=1, max_value=n - 1, step=1,
                              key="cf_k", disabled=method.startswith("artist:")))
 seed = int(st.session_state["seed"])
@@ -121,17 +133,17 @@ baseline = CounterfactualConfig(ctx.entry.model_dir, seed, "random", k if not me
                                 len([a for a in (ctx.train.labels or []) if a == method[len("artist:"):]]),
                                 results_dir=str(folder))
 
-label = REMOVALS.get(method, f"every image by {method[len('artist:'):]}")
+label, label_md = removal_label(method), removal_label(method, markdown=True)
 left, right = st.columns(2)
 with left:
     record = stored_result(config, n, ctx.files_hash)
     if record is not None:
-        show_record(record, label)
+        show_record(record, label_md)
     else:
-        st.markdown(f"**{label}**")
+        st.markdown(f"**{label_md}**")
         st.image(c.pixel_image_url(c.samples(ctx.entry.model_dir, ctx.files_hash, (seed,))[0], 160),
                  caption=f"seed {seed} (before); no stored result for this removal yet")
-        run_or_progress(config, label)
+        run_or_progress(config, label, label_md)
 with right:
     if method == "random":
         st.info("This is the random baseline itself; pick D-TRAK or TRAK to compare with it.")
@@ -141,12 +153,12 @@ with right:
             show_record(base, f"baseline: {base['k']} random images")
             if record is not None:
                 delta = record["pixel_l2"] - base["pixel_l2"]
-                st.caption(f"{label} changed the image {'more' if delta > 0 else 'less'} than the random baseline "
+                st.caption(f"{label_md} changed the image {'more' if delta > 0 else 'less'} than the random baseline "
                            f"(L2 {record['pixel_l2']:.3f} vs {base['pixel_l2']:.3f}).")
         else:
             st.markdown(f"**baseline: {baseline.k} random images**")
             st.caption("No stored baseline for this seed and k yet.")
-            run_or_progress(baseline, f"{baseline.k} random images")
+            run_or_progress(baseline, f"{baseline.k} random images", f"{baseline.k} random images")
 
 records = [r for r in load_results(folder) if r.get("model_hash") == ctx.files_hash]
 st.subheader("All stored experiments of this model")
@@ -167,7 +179,7 @@ if records:
             "L2 difference": difference_cell(row["l2_difference"], row["l2_ci"]),
             "SSIM difference": difference_cell(row["ssim_difference"], row["ssim_ci"]),
             "changed more": f"{row['share_changed_more']:.0%}"} for row in paired]), hide_index=True)
-    st.caption(f"from {folder}; the command line's batch mode adds more "
+    st.caption(f"from {md_escape(folder)}; the command line's batch mode adds more "
                "(`python -m dtrak_core counterfactual --target-seed 0-59 --method dtrak trak random`).")
 else:
-    st.caption(f"None yet in {folder}.")
+    st.caption(f"None yet in {md_escape(folder)}.")

@@ -7,9 +7,12 @@ import datetime as dt
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app.text import md_escape
 from dtrak_core import jobs
 from dtrak_core.attribution.methods import APP_METHODS, METHODS
 from dtrak_core.attribution.dataset_features import feature_status
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 st.title("Jobs")
 st.caption("Long work runs as separate processes: it keeps going when you reload or leave the page, "
@@ -18,7 +21,7 @@ root = c.cache_root() / "jobs"
 ctx = c.model_context()
 if ctx is not None:
     with st.form("start"):
-        st.write(f"Compute training features of **{ctx.entry.name}**")
+        st.write(f"Compute training features of **{md_escape(ctx.entry.name)}**")
         cols = st.columns(3)
         method_name = cols[0].selectbox("Method", [m for m in APP_METHODS if METHODS[m].needs_features],
                                         format_func=lambda m: METHODS[m].label, key="job_method")
@@ -42,7 +45,7 @@ def job_list() -> None:
     for job in listed:
         with st.container(border=True):
             when = dt.datetime.fromtimestamp(job.submitted or 0).strftime("%Y-%m-%d %H:%M:%S")
-            st.markdown(f"**{job.description or ' '.join(job.args)}** · submitted {when} · `{job.key}`")
+            st.markdown(f"**{md_escape(job.description or ' '.join(job.args))}** · submitted {when} · `{job.key}`")
             c.show_job(job)
             if job.active and st.button("Cancel", key=f"cancel_{job.key}"):
                 jobs.cancel(job.key, root)

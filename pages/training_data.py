@@ -7,7 +7,10 @@ import pandas as pd
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app.text import md_escape
 from dtrak_core.attribution.methods import METHODS
+
+c.require_access()  # first: a page may run without app.py (see require_access)
 
 PAGE = 48
 
@@ -59,7 +62,7 @@ method = METHODS[method_name]
 K, k, lam = int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
 left, right = st.columns([1, 3])
 with left:
-    st.image(c.pixel_image_url(ctx.train.images[chosen], 192), caption=describe(chosen))
+    st.image(c.pixel_image_url(ctx.train.images[chosen], 192), caption=md_escape(describe(chosen)))
     st.dataframe(meta.iloc[[chosen]].T, width="stretch")
 with right:
     settings = c.feature_settings(method, K, k) if method.needs_features else None
@@ -75,6 +78,6 @@ with right:
         for i, row in enumerate(lookup.itertuples(index=False)):
             with columns[i % 6]:
                 st.image(c.pixel_image_url(np.asarray(store.image(row.key)), 96),
-                         caption=f"{row.label}: rank {row.rank}, score {row.score:+.3g}")
+                         caption=f"{md_escape(row.label)}: rank {row.rank}, score {row.score:+.3g}")
         st.dataframe(lookup, hide_index=True, width="stretch")
 c.sync_url()

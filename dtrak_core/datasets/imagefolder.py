@@ -7,12 +7,22 @@ Conversions (documented, never silent crashes):
 - images whose size differs from ``image_size`` are an error unless ``resize=True``, then they
   are resized (bicubic) to ``image_size x image_size``;
 - an unreadable or corrupt file, a metadata row whose file is missing, or an image without a
-  metadata row is a :class:`DatasetError` naming the file.
+  metadata row is a :class:`DatasetError` naming the file;
+- an image of more than ``MAX_PIXELS`` pixels is refused from its header, before it is decoded
+  (a decompression bomb), with its pixel count and the limit.
+
+Confinement: every file name (a ``metadata.csv`` value, or a file found in the folder) must
+resolve, after following links, to a file inside the dataset folder. This is checked for every
+row before any image is opened, and the error names the row and its value only: whether the
+path outside exists, and what a link points to, is never revealed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +40,47 @@ MAX_PIXELS = 4096 * 4096
 
 class DatasetError(ValueError):
     """A dataset folder or file is not what the loader expects; the message says which."""
+
+
+# Pillow's own limit (Image.MAX_IMAGE_PIXELS, doubled) raises before our check can read the size;
+# its message carries the pixel count.
+_PILLOW_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def decompression_bomb_message(name: object, pixels: int | None, limit: int,
+                               size: tuple[int, int] | None = None) -> str:
+    """The one-line refusal of an image over ``limit`` pixels (datasets and uploads share it)."""
+    if size is not None:
+        count = f"{size[0]}x{size[1]} = {pixels:,} pixels"
+    else:
+        count = f"{pixels:,} pixels" if pixels is not None else "more pixels than Pillow opens"
+    return f"{name} is {count}, over the limit of {limit:,}: refused as a possible decompression bomb (not decoded)"
+
+
+def pillow_bomb_pixels(error: Exception) -> int | None:
+    """The pixel count in Pillow's ``DecompressionBombError`` message, if it says it."""
+    found = _PILLOW_BOMB_PIXELS.search(str(error))
+    return int(found.group(1)) if found else None
+
+
+def confined_path(root: Path, file_name: str, where: str, base: str | None = None) -> Path:
+    """``root / file_name`` with links followed, if it lies strictly inside ``root``.
+
+    ``where`` names the origin of ``file_name`` for the error (a metadata row, or the folder);
+    ``base``: ``root`` resolved, when the caller checks many names. The error quotes
+    ``file_name`` as given, never the resolved path, and is the same whether or not that path
+    exists, so it reveals nothing outside the folder.
+    """
+    base = os.path.realpath(root) if base is None else base
+    try:
+        resolved = os.path.realpath(os.path.join(base, file_name))
+        inside = resolved.startswith(base.rstrip(os.sep) + os.sep)
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte, a name too long
+        inside = False
+    if not inside:
+        raise DatasetError(f"{where}: file_name {file_name!r} must name a file inside the dataset folder "
+                           f"{root} (after following links)")
+    return Path(resolved)
 
 
 @dataclass
@@ -94,18 +145,30 @@ class ImageFolderDataset:
         return self._pixels_and_metadata_hash
 
 
-def _read_metadata(root: Path) -> pd.DataFrame:
+def _confine_all(root: Path, metadata: pd.DataFrame, listed: bool) -> list[Path]:
+    """The resolved path of every row, checked by :func:`confined_path` (rows of every split: a
+    hostile row is refused even when its split is not loaded)."""
+    where = (lambda row: f"{root / METADATA_FILE} row {row}") if listed else (lambda row: f"dataset folder {root}")
+    base = os.path.realpath(root)
+    return [confined_path(root, str(file_name), where(row), base)
+            for row, file_name in enumerate(metadata["file_name"], start=1)]
+
+
+def _read_metadata(root: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """The metadata (read, or one row per image file) and each row's confined path."""
     path = root / METADATA_FILE
     if not path.exists():
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return pd.DataFrame({"file_name": files})
+        metadata = pd.DataFrame({"file_name": files})
+        return metadata, _confine_all(root, metadata, listed=False)
     try:
         metadata = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path} is not a readable CSV file: {error}") from None
     if "file_name" not in metadata.columns:
         raise DatasetError(f"{path} has no 'file_name' column; columns are {list(metadata.columns)}")
+    paths = _confine_all(root, metadata, listed=True)  # before anything else looks at the files
     duplicated = metadata["file_name"][metadata["file_name"].duplicated()]
     if len(duplicated):
         raise DatasetError(f"{path} lists {duplicated.iloc[0]!r} more than once")
@@ -115,7 +178,7 @@ def _read_metadata(root: Path) -> pd.DataFrame:
     if unlisted:
         raise DatasetError(f"{root / unlisted[0]} has no row in {path} "
                            f"({len(unlisted)} image(s) without a metadata row)")
-    return metadata
+    return metadata, paths
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -126,25 +189,36 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: Path, image_size: int | None = None, resize: bool = False) -> np.ndarray:
-    """Decode one image as uint8 (H, W, 3), converted as the module docstring says."""
+def read_image(path: Path, image_size: int | None = None, resize: bool = False,
+               name: Path | str | None = None) -> np.ndarray:
+    """Decode one image as uint8 (H, W, 3), converted as the module docstring says.
+
+    ``name``: how errors call the file (default ``path``; the loader passes the folder-relative
+    form, so a link's target never shows).
+    """
+    name = path if name is None else name
     if not path.exists():
-        raise DatasetError(f"{path} does not exist")
+        raise DatasetError(f"{name} does not exist")
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise DatasetError(f"{path} is {image.width}x{image.height} pixels; at most "
-                                   f"{MAX_PIXELS} pixels are accepted")
-            image.load()
-            rgb = _to_rgb(image)
+        with warnings.catch_warnings():
+            # Pillow warns from 89 megapixels; ours is the error that explains.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise DatasetError(decompression_bomb_message(name, image.width * image.height, MAX_PIXELS,
+                                                                  image.size))
+                image.load()
+                rgb = _to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(decompression_bomb_message(name, pillow_bomb_pixels(error), MAX_PIXELS)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, DatasetError):
             raise
-        raise DatasetError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
+        raise DatasetError(f"{name} is not a readable image ({type(error).__name__}: {error})") from None
     if image_size is not None and rgb.size != (image_size, image_size):
         if not resize:
-            raise DatasetError(f"{path} is {rgb.width}x{rgb.height}; expected "
-                               f"{image_size}x{image_size} (pass resize=True to resize)")
+            raise DatasetError(f"{name} is {rgb.width}x{rgb.height}; expected {image_size}x{image_size} "
+                               "(resize with --resize on the command line, or resize=True in the library)")
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
 
@@ -168,20 +242,23 @@ def load_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
-    metadata = _read_metadata(root)
+    metadata, paths = _read_metadata(root)
     if split is not None:
         if "split" not in metadata.columns:
             raise DatasetError(f"{root / METADATA_FILE} has no 'split' column to select {split!r}")
-        metadata = metadata[metadata["split"] == split].reset_index(drop=True)
+        keep = (metadata["split"] == split).to_numpy()
+        paths = [path for path, kept in zip(paths, keep) if kept]
+        metadata = metadata[keep].reset_index(drop=True)
     if len(metadata) == 0:
         raise DatasetError(f"dataset folder {root} has no images" + (f" in split {split!r}" if split else ""))
     images = []
-    for file_name in metadata["file_name"]:
-        array = read_image(root / file_name, image_size, resize)
+    for file_name, path in zip(metadata["file_name"], paths):
+        array = read_image(path, image_size, resize, name=root / file_name)
         if image_size is None:
             if array.shape[0] != array.shape[1]:
-                raise DatasetError(f"{root / file_name} is {array.shape[1]}x{array.shape[0]}; "
-                                   "images must be square (or pass image_size and resize=True)")
+                raise DatasetError(f"{root / file_name} is {array.shape[1]}x{array.shape[0]}; images must "
+                                   "be square (or give the image size and resize: --resize on the command "
+                                   "line, image_size and resize=True in the library)")
             image_size = array.shape[0]
         images.append(array)
     if label_column is not None and label_column not in metadata.columns:

@@ -7,12 +7,14 @@ Features use K=2 timesteps and k=256 (``FAST`` query parameters) so everything s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from dtrak_app.text import WORD_JOINER
 from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.methods import train_features
 from dtrak_core.attribution.loading import load_model, load_training_set
@@ -26,6 +28,12 @@ FAST = {"K": "2", "k": "256"}
 torch.set_num_threads(1)
 
 
+def plain(markdown: object) -> str:
+    """Markdown as it reads: the backslash escapes and word joiners of ``md_escape`` removed
+    (AppTest shows an element's Markdown source)."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", str(markdown)).replace(WORD_JOINER, "")
+
+
 @dataclass(frozen=True)
 class AppEnv:
     model_dir: Path
@@ -34,14 +42,15 @@ class AppEnv:
 
     def variables(self) -> dict[str, str]:
         return {"DTRAK_MODEL_DIR": str(self.model_dir), "DTRAK_MODEL_NAME": "tiny", "DTRAK_HIDE_DEMO": "1",
-                "DTRAK_CACHE": str(self.cache), "DTRAK_DATA_DIR": ""}
+                "DTRAK_CACHE": str(self.cache), "DTRAK_DATA_DIR": "", "DTRAK_TOKEN": ""}
 
 
-def build_app_env(root: Path) -> AppEnv:
-    """Train a tiny model on a 24-image folder (20 in its train split) and cache its D-TRAK features."""
+def build_app_env(root: Path, data: Path | None = None) -> AppEnv:
+    """Train a tiny model on ``data`` (default: a 24-image folder, 20 in its train split; images
+    16 px) and cache its D-TRAK features."""
     from dtrak_core.training import TrainConfig, train
 
-    data = write_image_folder(root / "data", n=24)
+    data = write_image_folder(root / "data", n=24) if data is None else data
     model_dir = train(TrainConfig(data_dir=str(data), out_dir=str(root / "model"), preset="tiny", image_size=16,
                                   steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2), progress=False)
     cache = root / "cache"

@@ -46,8 +46,19 @@ def test_a_decompression_bomb_is_refused_before_decoding():
     # 8000 x 8000 of one colour compresses to a few kB but would decode to 192 MB.
     bomb = png_bytes(Image.new("L", (8000, 8000)))
     assert len(bomb) < 200_000
-    with pytest.raises(TargetError, match="is 8000x8000 = 64,000,000 pixels; at most 16,777,216"):
+    with pytest.raises(TargetError) as refused:
         prepare_upload(bomb, 16, "bomb.png")
+    assert str(refused.value) == ("bomb.png is 8000x8000 = 64,000,000 pixels, over the limit of 16,777,216: "
+                                  "refused as a possible decompression bomb (not decoded)")
+
+
+def test_an_upload_over_pillows_own_limit_is_named_a_decompression_bomb_too():
+    from tests.test_imagefolder import png_header
+
+    with pytest.raises(TargetError) as refused:  # Pillow refuses to open it; the message was "not readable"
+        prepare_upload(png_header(20000, 20000), 16, "huge.png")
+    assert str(refused.value) == ("huge.png is 400,000,000 pixels, over the limit of 16,777,216: refused as a "
+                                  "possible decompression bomb (not decoded)")
 
 
 MODEL = {"model_weights_sha256": "m", "scheduler_sha256": "s", "noise_schedule_sha256": "b"}

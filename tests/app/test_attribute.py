@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dtrak_core import jobs
-from tests.app.conftest import APP, FAST, PAGES
+from dtrak_core import jobs, registry
+from tests.app.conftest import APP, FAST, PAGES, plain
 
 PAGE = str(PAGES / "attribute.py")
 
@@ -23,7 +24,7 @@ def run(path: str = PAGE, **params: str) -> AppTest:
 def texts(app: AppTest) -> str:
     parts = [e.value for kind in ("markdown", "caption", "subheader", "info", "warning", "error")
              for e in getattr(app, kind)]
-    return "\n".join(str(p) for p in parts)
+    return "\n".join(plain(p) for p in parts)
 
 
 def test_landing_page_ranks_the_training_images(env):
@@ -70,7 +71,7 @@ def test_a_link_reproduces_the_view(env):
 def test_a_link_with_bad_values_falls_back_to_defaults(env):
     app = run(seed="-4", K="zero", method="magic")
     assert not app.exception
-    warnings = " ".join(w.value for w in app.warning)
+    warnings = " ".join(plain(w.value) for w in app.warning)
     assert "seed=-4: expected 0.." in warnings and "K='zero': expected a int" in warnings
     assert "Unknown method 'magic'" in warnings
     assert app.session_state["seed"] == 0 and app.number_input(key="K").value == 10
@@ -102,9 +103,10 @@ def test_uploads_bad_and_good(env):
     app = run(target="upload")
     app.file_uploader[0].set_value(("notes.txt", b"not an image at all", "text/plain")).run()
     assert not app.exception
-    assert "notes.txt is not a readable image" in app.error[0].value
+    assert "notes.txt is not a readable image" in plain(app.error[0].value)
     app.file_uploader[0].set_value(("big.png", png((5000, 4000)), "image/png")).run()
-    assert "at most 16,777,216 pixels" in app.error[0].value
+    assert plain(app.error[0].value) == ("big.png is 5000x4000 = 20,000,000 pixels, over the limit of 16,777,216: "
+                                         "refused as a possible decompression bomb (not decoded)")
     app.file_uploader[0].set_value(("red.png", png((40, 20)), "image/png")).run()
     assert not app.exception and not app.error
     assert "padded to 40x40 on white, resized to 16x16" in texts(app)
@@ -116,7 +118,7 @@ def test_a_folder_that_is_not_a_pipeline_is_an_error(env, tmp_path, monkeypatch)
     monkeypatch.setenv("DTRAK_MODEL_DIR", str(tmp_path / "empty"))
     app = run()
     assert not app.exception
-    assert "is not a diffusers pipeline folder" in app.error[0].value
+    assert "is not a diffusers pipeline folder" in plain(app.error[0].value)
 
 
 def test_an_unsupported_pipeline_type_is_an_error(env, tmp_path, monkeypatch):
@@ -129,7 +131,7 @@ def test_an_unsupported_pipeline_type_is_an_error(env, tmp_path, monkeypatch):
     monkeypatch.setenv("DTRAK_MODEL_DIR", str(other))
     app = run()
     assert not app.exception
-    assert "holds a StableDiffusionPipeline; supported pipelines: DDPMPipeline" in app.error[0].value
+    assert "holds a StableDiffusionPipeline; supported pipelines: DDPMPipeline" in plain(app.error[0].value)
 
 
 def test_a_dataset_that_does_not_match_the_model_is_an_error(env, tmp_path, monkeypatch):
@@ -138,15 +140,38 @@ def test_a_dataset_that_does_not_match_the_model_is_an_error(env, tmp_path, monk
     monkeypatch.setenv("DTRAK_DATA_DIR", str(write_image_folder(tmp_path / "other", n=6)))
     app = run()
     assert not app.exception
-    assert "gives 5 training images" in app.error[0].value and "lists 20" in app.error[0].value
+    assert "gives 5 training images" in plain(app.error[0].value) and "lists 20" in plain(app.error[0].value)
 
 
-def test_registering_a_bad_folder_says_why_and_the_app_keeps_working(env, tmp_path):
-    app = run()
-    app.text_input(key="reg_name").input("mine")
-    app.text_input(key="reg_model").input(str(tmp_path))
-    app.text_input(key="reg_data").input(str(env.data_dir))
+def register(app: AppTest, name: str, model_dir, data_dir, replace: bool = False) -> list[str]:
+    """Fill and submit the sidebar's registration form; the error and success texts, as they read."""
+    app.text_input(key="reg_name").input(name)
+    app.text_input(key="reg_model").input(str(model_dir))
+    app.text_input(key="reg_data").input(str(data_dir))
+    app.checkbox(key="reg_replace").check() if replace else app.checkbox(key="reg_replace").uncheck()
     app.form_submit_button[0].click().run()
     assert not app.exception
-    assert any("Not registered" in e.value and "is not a diffusers pipeline folder" in e.value for e in app.error)
+    return [plain(e.value) for e in app.error] + [plain(e.value) for e in app.success]
+
+
+def test_registering_a_bad_folder_says_why_and_the_app_keeps_working(env, tmp_path, monkeypatch):
+    app = run()
+    outside = register(app, "mine", tmp_path, env.data_dir)
+    assert f"Not registered: model folder {str(tmp_path)!r} is not under an allowed root" in outside[0]
+    monkeypatch.setenv("DTRAK_MODEL_ROOTS", os.pathsep.join([str(tmp_path), str(env.data_dir)]))
+    inside = register(app, "mine", tmp_path, env.data_dir)
+    assert "Not registered" in inside[0] and "is not a diffusers pipeline folder" in inside[0]
     assert len(app.dataframe[0].value) == 20
+
+
+def test_registering_a_taken_name_needs_the_replace_box(env, monkeypatch):
+    monkeypatch.setenv("DTRAK_MODEL_ROOTS", str(env.model_dir.parent))
+    app = run()
+    try:
+        assert register(app, "mine", env.model_dir, env.data_dir) == ["Registered mine."]
+        again = register(app, "mine", env.model_dir, env.data_dir)
+        assert again[0].startswith("Not registered: a model named 'mine' is already registered")
+        assert register(app, "mine", env.model_dir, env.data_dir, replace=True) == ["Registered mine."]
+        assert [e.name for e in registry.list_models(env.cache)] == ["tiny", "mine"]
+    finally:
+        registry.registry_path(env.cache).unlink(missing_ok=True)  # the cache is shared by the session's tests
