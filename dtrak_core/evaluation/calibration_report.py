@@ -33,7 +33,6 @@ from dtrak_core.attribution.featurizer import FeatureSettings
 from dtrak_core.attribution.feature_store import compute_features
 from dtrak_core.attribution.loading import load_model, load_training_set
 from dtrak_core.attribution.methods import MethodCache, train_features
-from dtrak_core.attribution.scorers import KernelScorer
 from dtrak_core.conventions import DEFAULT_LAMBDA, target_ids, uint8_to_model_range
 from dtrak_core.evaluation import calibration as cal
 from dtrak_core.generation import SamplerConfig, generate_to_folder
