@@ -126,12 +126,11 @@ def test_an_unsupported_pipeline_type_is_an_error(env, tmp_path, monkeypatch):
 
     other = tmp_path / "sd"
     shutil.copytree(env.model_dir, other)
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    (other / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # as a real SD folder: no such file
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     monkeypatch.setenv("DTRAK_MODEL_DIR", str(other))
     app = run()
     assert not app.exception
-    assert "holds a StableDiffusionPipeline; supported pipelines: DDPMPipeline" in plain(app.error[0].value)
+    assert "holds a KandinskyPipeline; supported pipelines: DDPMPipeline, StableDiffusionPipeline" in plain(app.error[0].value)
 
 
 def test_a_dataset_that_does_not_match_the_model_is_an_error(env, tmp_path, monkeypatch):
