@@ -13,6 +13,13 @@ content hash of the arguments, so asking twice for the same work finds the same 
 The process is a small supervisor (``python -m dtrak_core.jobs run <dir>``) started in its own
 session (so it outlives the app's script thread, page reloads and reruns, and ``killpg`` ends it
 with its child); it runs the command with ``DTRAK_JOB_DIR`` set and records how it ended.
+
+**One queue.** Jobs run one at a time per jobs folder (per cache, so per machine unless caches
+are split), in submission order: a supervisor stays "queued" until it holds a slot, an
+exclusive ``flock`` on ``<root>/.slots/slot-<i>.lock``. ``DTRAK_JOB_SLOTS`` (default 1) allows
+more at once. The kernel releases a slot when its holder dies, so a killed job never blocks the
+queue. Featurization is memory- and CPU-bound: two at once on a small machine are slower than
+one after the other, and each holds gigabytes.
 Submission is serialized with an exclusive ``fcntl.flock`` on ``<root>/.lock``: two tabs asking
 at once start one process. A job whose process died without recording an end is reported as
 failed.
@@ -22,16 +29,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from dtrak_core import paths
-from dtrak_core.io import hold_lock, sha256_json, write_json_atomic
+from dtrak_core.io import hold_lock, sha256_json, try_lock, write_json_atomic
 from dtrak_core.progress import JOB_DIR_VARIABLE, PROGRESS_FILE
 
 SPEC_FILE = "spec.json"
@@ -42,6 +50,10 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
 #: A queued job whose supervisor has not reported within this many seconds is considered dead.
 QUEUED_GRACE_SECONDS = 120.0
+SLOTS_DIR = ".slots"
+SLOTS_VARIABLE = "DTRAK_JOB_SLOTS"
+#: How often a queued supervisor tries for a slot (seconds): a few tries a second costs nothing.
+SLOT_POLL_SECONDS = 0.25
 
 
 class JobError(RuntimeError):
@@ -215,7 +227,8 @@ def submit(args: Sequence[str], description: str = "", root: str | Path | None =
             (folder / stale).unlink(missing_ok=True)
         now = time.time()
         write_json_atomic(folder / SPEC_FILE, {"args": args, "description": description, "submitted": now,
-                                               "python": sys.executable, "cwd": os.getcwd()})
+                                               "identity": identity, "python": sys.executable,
+                                               "cwd": os.getcwd()})
         job = Job(key, folder, args, description, "queued", submitted=now)
         _write_status(folder, job, None)
         child_env = {**os.environ, **(env or {}), JOB_DIR_VARIABLE: str(folder)}
@@ -228,6 +241,52 @@ def submit(args: Sequence[str], description: str = "", root: str | Path | None =
         job.pid = process.pid
         _write_status(folder, job, _process_start_time(process.pid))
     return job
+
+
+def job_slots() -> int:
+    """How many jobs may run at once (``DTRAK_JOB_SLOTS``, default 1)."""
+    text = os.environ.get(SLOTS_VARIABLE, "1")
+    try:
+        slots = int(text)
+    except ValueError:
+        raise JobError(f"{SLOTS_VARIABLE}={text!r} must be a whole number of jobs >= 1") from None
+    if slots < 1:
+        raise JobError(f"{SLOTS_VARIABLE}={slots} must be at least 1")
+    return slots
+
+
+def queue_position(job: Job, root: str | Path | None = None) -> int | None:
+    """1 for the next queued job to run, 2 after it, ...; None when ``job`` is not waiting."""
+    if job.state != "queued":
+        return None
+    waiting = [j for j in list_jobs(root) if j.state == "queued"]
+    waiting.sort(key=lambda j: j.submitted or 0.0)
+    return next((i + 1 for i, j in enumerate(waiting) if j.key == job.key), None)
+
+
+def clear_finished(root: str | Path | None = None) -> int:
+    """Delete the folders of jobs that are no longer active (done, failed, cancelled); returns
+    how many. Their outputs (features, results) are elsewhere and stay."""
+    root = Path(root) if root is not None else default_root()
+    removed = 0
+    with hold_lock(root / LOCK_FILE):
+        for job in list_jobs(root):
+            if not job.active:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def restart(key: str, root: str | Path | None = None) -> Job:
+    """Submit a failed, cancelled or done job again (same arguments, identity and description)."""
+    root = Path(root) if root is not None else default_root()
+    job = get_job(key, root)
+    if job is None:
+        raise JobError(f"there is no job {key!r} in {root}")
+    if job.active:
+        return job
+    spec = _read_json(job.folder / SPEC_FILE)
+    return submit(job.args, job.description, root, identity=spec.get("identity"), rerun_done=True)
 
 
 def get_job(key: str, root: str | Path | None = None) -> Job | None:
@@ -269,16 +328,31 @@ def cancel(key: str, root: str | Path | None = None) -> Job:
     return job
 
 
+def _wait_for_slot(root: Path, key: str, stopped: list[int]) -> Iterator[int | None]:
+    """Hold the first free slot (yields its number) until the caller is done; yields None when
+    the job was cancelled while it waited. Only the ``slots`` earliest queued jobs try, so the
+    queue runs in submission order."""
+    slots = job_slots()
+    (root / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    while not stopped:
+        job = get_job(key, root)
+        position = queue_position(job, root) if job is not None else None
+        if position is not None and position > slots:
+            time.sleep(SLOT_POLL_SECONDS)
+            continue
+        for i in range(slots):
+            with try_lock(root / SLOTS_DIR / f"slot-{i}.lock") as mine:
+                if mine:
+                    yield i
+                    return
+        time.sleep(SLOT_POLL_SECONDS)
+    yield None
+
+
 def _run_supervisor(folder: Path) -> int:
-    """Body of the detached process: run the command, record how it ended."""
+    """Body of the detached process: wait for a slot, run the command, record how it ended."""
     spec = _read_json(folder / SPEC_FILE)
     start_time = _process_start_time(os.getpid())
-    job = Job(folder.name, folder, spec["args"], spec.get("description", ""), "running", pid=os.getpid(),
-              started=time.time())
-    with hold_lock(folder.parent / LOCK_FILE):
-        if _read_json(folder / STATUS_FILE).get("state") == "cancelled":
-            return 0
-        _write_status(folder, job, start_time)
     stopped: list[int] = []
 
     def stop(signum, _frame):
@@ -287,6 +361,22 @@ def _run_supervisor(folder: Path) -> int:
         stopped.append(signum)
 
     signal.signal(signal.SIGTERM, stop)
+    slot = _wait_for_slot(folder.parent, folder.name, stopped)
+    if next(slot) is None:
+        return 128 + stopped[0]
+    try:
+        return _run_command(folder, spec, start_time, stopped)
+    finally:
+        slot.close()  # releases the slot's lock
+
+
+def _run_command(folder: Path, spec: dict, start_time: str | None, stopped: list[int]) -> int:
+    job = Job(folder.name, folder, spec["args"], spec.get("description", ""), "running", pid=os.getpid(),
+              started=time.time())
+    with hold_lock(folder.parent / LOCK_FILE):
+        if _read_json(folder / STATUS_FILE).get("state") == "cancelled":
+            return 0
+        _write_status(folder, job, start_time)
     child = subprocess.Popen([sys.executable, "-m", "dtrak_core", *spec["args"]], stdin=subprocess.DEVNULL)
     if stopped:  # cancelled while starting
         child.terminate()

@@ -108,3 +108,50 @@ def test_a_dead_process_is_reported_as_failed(tmp_path):
     dead = jobs.get_job(folder.name, tmp_path)
     assert dead.state == "failed" and "ended without reporting" in dead.message
     assert json.loads((folder / jobs.STATUS_FILE).read_text())["state"] == "failed"  # recorded
+
+
+def long_training_args(tmp_path: Path) -> list[str]:
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data")
+    return ["train", "--data", str(data), "--out", str(tmp_path / "model"), "--preset", "tiny", "--image-size", "16",
+            "--steps", "1000000", "--batch-size", "2", "--checkpoint-every", "1000000"]
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_jobs_queue_one_at_a_time_unless_more_slots_are_allowed(tmp_path, monkeypatch, slots):
+    monkeypatch.setenv(jobs.SLOTS_VARIABLE, str(slots))
+    root = tmp_path / "jobs"
+    first = jobs.submit(long_training_args(tmp_path), "long", root)
+    wait_for(lambda: (j := jobs.get_job(first.key, root)) and j.state == "running")
+    second = jobs.submit(["no-such-command"], "quick", root)
+    if slots == 2:  # a free slot: the second runs (and fails fast) while the first still runs
+        assert wait_for(lambda: finished(root, second.key)).state == "failed"
+        assert jobs.get_job(first.key, root).state == "running"
+        jobs.cancel(first.key, root)
+        return
+    waiting = jobs.get_job(second.key, root)
+    assert waiting.state == "queued" and jobs.queue_position(waiting, root) == 1
+    assert jobs.queue_position(jobs.get_job(first.key, root), root) is None  # running, not waiting
+    cancelled = jobs.cancel(first.key, root)
+    done = wait_for(lambda: finished(root, second.key))
+    assert done.state == "failed" and done.started >= cancelled.finished  # it ran only after the slot was free
+
+
+def test_a_cancelled_queued_job_never_runs_and_restart_and_clear_work(tmp_path, monkeypatch):
+    monkeypatch.setenv(jobs.SLOTS_VARIABLE, "1")
+    root = tmp_path / "jobs"
+    first = jobs.submit(long_training_args(tmp_path), "long", root)
+    wait_for(lambda: (j := jobs.get_job(first.key, root)) and j.state == "running")
+    queued = jobs.submit(["no-such-command"], "quick", root)
+    assert jobs.cancel(queued.key, root).state == "cancelled"
+    wait_for(lambda: jobs._process_start_time(queued.pid) is None, timeout=30)  # its supervisor is gone
+    assert jobs.get_job(queued.key, root).started is None  # it never ran
+    jobs.cancel(first.key, root)
+    again = jobs.restart(queued.key, root)
+    assert again.key == queued.key and again.state == "queued"
+    assert wait_for(lambda: finished(root, queued.key)).state == "failed"
+    assert jobs.clear_finished(root) == 2 and jobs.list_jobs(root) == []
+    with pytest.raises(jobs.JobError, match="must be at least 1"):
+        monkeypatch.setenv(jobs.SLOTS_VARIABLE, "0")
+        jobs.job_slots()
