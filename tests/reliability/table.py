@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io as _io
+import json
 import os
 import re
 import shutil
@@ -116,6 +117,7 @@ class Scratch:
     def show(self, text: str) -> str:
         """Paths as a reader sees them: the scratch root as ``<tmp>``, the repository as ``.``."""
         text = text.replace(str(self.root), "<tmp>").replace(str(REPO), ".")
+        text = re.sub(r"\b[0-9a-f]{16,64}\b", "<hash>", text)  # content hashes: they name, they do not inform
         return re.sub(r"<tmp>/\d\d-", "<tmp>/", text)
 
 
@@ -123,7 +125,8 @@ FAST = ["-K", "2", "-k", "32", "--batch-size", "4", "--no-progress"]
 
 
 def run_inline(world: Scratch, argv: list[str]) -> tuple[int, str, str]:
-    """``python -m dtrak_core *argv`` in this process: (exit code, shown command, last stderr line)."""
+    """``python -m dtrak_core *argv`` in this process: (exit code, shown command, last stderr line);
+    every stderr line is kept in ``world.stderr``."""
     err, out = _io.StringIO(), _io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
@@ -133,7 +136,9 @@ def run_inline(world: Scratch, argv: list[str]) -> tuple[int, str, str]:
         except Exception as error:  # a traceback: the table must not hide it
             raise CaseFailed(f"python -m dtrak_core {' '.join(map(str, argv))} raised "
                              f"{type(error).__name__}: {error}\n{traceback.format_exc()}") from None
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    lines = [line for line in err.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+    world.stderr = lines
+    world.stdout = [line for line in out.getvalue().splitlines() if line.strip()]
     command = world.show("python -m dtrak_core " + " ".join(map(str, argv)))
     return int(code), command, world.show(lines[-1] if lines else "")
 
@@ -154,6 +159,29 @@ def refused(world: Scratch, argv: list[str], expect: str, untouched: list[Path] 
             raise CaseFailed(f"{command} created {p}")
     lost = "nothing: inputs untouched" + (", nothing written" if absent else "")
     return Outcome(command, message, lost)
+
+
+def featurized(w: Scratch, argv: list[str]) -> dict[str, str]:
+    """Run a featurize command that must succeed; the feature arrays' hashes it leaves."""
+    code, command, message = run_inline(w, argv)
+    if code != 0:
+        raise CaseFailed(f"{command} failed: {message}")
+    return _arrays(Path(argv[argv.index("--cache-dir") + 1]))
+
+
+def _arrays(cache: Path) -> dict[str, str]:
+    return {k: v for k, v in snapshot(cache).items() if k.endswith(".npy")}
+
+
+def recovered(w: Scratch, argv: list[str], cache: Path, clean: dict[str, str], expect: str) -> Outcome:
+    """Rerun after damage: it must say ``expect`` (a regex), exit 0 and leave the clean arrays."""
+    code, command, _ = run_inline(w, argv)
+    said = [line for line in w.stderr if re.search(expect, line)]
+    if code != 0 or not said:
+        raise CaseFailed(f"{command}: expected exit 0 and a line /{expect}/, got {code}: {w.stderr[-3:]!r}")
+    if _arrays(cache) != clean:
+        raise CaseFailed(f"{command} did not restore the clean features")
+    return Outcome(command, w.show(said[0]), "nothing: recomputed, byte-identical to a clean run")
 
 
 def png(path: Path, size: int = 16, value: int = 200) -> Path:
@@ -400,6 +428,324 @@ def _(w: Scratch) -> Outcome:
     return refused(w, ["counterfactual", "--model", w.model, "--target-seed", "0", "--method", "random",
                        "--k", "500", "--results", results, "--models-dir", results / "models", "--no-progress"],
                    "500", absent=[results])
+
+
+# -- hostile data and exposure --------------------------------------------------------------------
+
+@case("security", "a file_name that climbs out of the folder (../)")
+def _(w: Scratch) -> Outcome:
+    data, cache = w.data_copy(), w.fresh("cache") / "c"
+    png(data.parent / "outside.png")
+    meta = (data / "metadata.csv").read_text().replace("a/000.png", "../outside.png")
+    (data / "metadata.csv").write_text(meta)
+    (data / "a" / "000.png").unlink()
+    return refused(w, featurize_argv(w.model, data, cache), "must name a file inside the dataset folder",
+                   untouched=[data], absent=[cache])
+
+
+@case("security", "an absolute file_name (/etc/shadow)")
+def _(w: Scratch) -> Outcome:
+    data, cache = w.data_copy(), w.fresh("cache") / "c"
+    (data / "metadata.csv").write_text((data / "metadata.csv").read_text().replace("a/000.png", "/etc/shadow"))
+    (data / "a" / "000.png").unlink()
+    outcome = refused(w, featurize_argv(w.model, data, cache), "must name a file inside the dataset folder",
+                      untouched=[data], absent=[cache])
+    # The same words for a path that does not exist: the message reveals nothing about the outside.
+    (data / "metadata.csv").write_text((data / "metadata.csv").read_text().replace("/etc/shadow", "/etc/nothing-here"))
+    other = refused(w, featurize_argv(w.model, data, cache), "must name a file inside the dataset folder")
+    if other.message.replace("/etc/nothing-here", "/etc/shadow") != outcome.message:
+        raise CaseFailed(f"existing and missing outside paths get different messages: {outcome.message!r} / {other.message!r}")
+    return outcome
+
+
+@case("security", "a link inside the folder that points outside")
+def _(w: Scratch) -> Outcome:
+    data, cache = w.data_copy(), w.fresh("cache") / "c"
+    target = png(w.fresh("elsewhere") / "secret.png")
+    (data / "a" / "000.png").unlink()
+    (data / "a" / "000.png").symlink_to(target)
+    return refused(w, featurize_argv(w.model, data, cache), "must name a file inside the dataset folder",
+                   untouched=[data], absent=[cache])
+
+
+@case("security", "a decompression-bomb PNG in the dataset")
+def _(w: Scratch) -> Outcome:
+    data, cache = w.data_copy(), w.fresh("cache") / "c"
+    Image.new("1", (4200, 4200)).save(data / "a" / "000.png")  # 17.6 M pixels in a few KB
+    return refused(w, featurize_argv(w.model, data, cache), "decompression bomb", untouched=[data], absent=[cache])
+
+
+@case("security", "an uploaded decompression bomb (the app's upload)")
+def _(w: Scratch) -> Outcome:
+    from dtrak_app.uploads import TargetError, prepare_upload
+
+    buffer = _io.BytesIO()
+    Image.new("1", (4200, 4200)).save(buffer, format="PNG")
+    try:
+        prepare_upload(buffer.getvalue(), 16, "bomb.png")
+    except TargetError as error:
+        message = str(error)
+    else:
+        raise CaseFailed("a decompression bomb upload was accepted")
+    if "decompression bomb" not in message:
+        raise CaseFailed(f"upload message does not name the bomb: {message!r}")
+    return Outcome("app: Attribute > Upload an image (bomb.png, 4200x4200)", message, "nothing: not decoded")
+
+
+@case("security", "Markdown in an artist name (a beacon image)")
+def _(w: Scratch) -> Outcome:
+    from dtrak_app.text import md_escape
+
+    hostile = "![b](http://127.0.0.1:8765/beacon) `x` <img src=x onerror=alert(1)>"
+    escaped = md_escape(hostile)
+    active = [m.group() for m in re.finditer(r"(?<!\\)[!\[\]()`<>*_]", escaped)]
+    if active:
+        raise CaseFailed(f"md_escape left Markdown characters unescaped ({active}): {escaped!r}")
+    return Outcome("app: any page showing the artist (metadata.csv artist column)",
+                   "shown literally (every data-derived string goes through dtrak_app.text.md_escape)",
+                   "nothing: no request leaves (browser test tests/e2e/test_hostile_metadata.py)")
+
+
+@case("security", "registering a model folder outside the allowed roots")
+def _(w: Scratch) -> Outcome:
+    from dtrak_core import registry
+
+    try:
+        registry.register_model("x", "/etc", "/tmp", w.fresh("registry"))
+    except ValueError as error:
+        message = str(error)
+    else:
+        raise CaseFailed("a model outside the roots was registered")
+    if "not under an allowed root" not in message:
+        raise CaseFailed(f"unexpected registry message {message!r}")
+    return Outcome("app: Register a model (pipeline folder /etc)", w.show(message), "nothing: not registered")
+
+
+@case("security", "make run HOST=0.0.0.0 without an access token")
+def _(w: Scratch) -> Outcome:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "DTRAK_TOKEN"}
+    done = subprocess.run(["make", "-s", "check-host", "HOST=0.0.0.0"], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    message = next((line for line in done.stderr.splitlines() if "DTRAK_TOKEN" in line), "")
+    if done.returncode == 0 or "DTRAK_TOKEN" not in message:
+        raise CaseFailed(f"make run HOST=0.0.0.0 was not refused: {done.returncode} {message!r}")
+    return Outcome("make run HOST=0.0.0.0", message.split(";")[0] + "; ... (see README, Threat model)",
+                   "nothing: the server does not start")
+
+
+# -- disks and caches ------------------------------------------------------------------------------
+
+@case("disk", "a feature cache on a read-only file system")
+def _(w: Scratch) -> Outcome:
+    return refused(w, featurize_argv(w.model, w.data, Path("/sys/dtrak-cache")), "cannot write the features")
+
+
+@case("disk", "score --out on a read-only file system (before any work)")
+def _(w: Scratch) -> Outcome:
+    cache = w.fresh("cache") / "c"
+    return refused(w, ["score", "--model", w.model, "--train", w.data, "--targets", w.data, "--out",
+                       "/sys/dtrak-scores/s", "--cache-dir", cache, *FAST], "cannot write", absent=[cache])
+
+
+@case("disk", "too little free space for the features")
+def _(w: Scratch) -> Outcome:
+    cache = w.fresh("cache") / "c"
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: real(path)._replace(free=1000)
+    try:
+        return refused(w, featurize_argv(w.model, w.data, cache), "not enough free space for the features")
+    finally:
+        shutil.disk_usage = real
+
+
+@case("disk", "too little free space for a training run")
+def _(w: Scratch) -> Outcome:
+    out = w.fresh("train") / "model"
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: real(path)._replace(free=1000)
+    try:
+        return refused(w, ["train", "--data", w.data, "--out", out, "--preset", "tiny", "--image-size", "16",
+                           "--steps", "2", "--batch-size", "4"], "not enough free space for the model", absent=[out])
+    finally:
+        shutil.disk_usage = real
+
+
+@case("cache", "feature rows overwritten with other bytes of the same size")
+def _(w: Scratch) -> Outcome:
+    cache = w.fresh("cache") / "c"
+    argv = featurize_argv(w.model, w.data, cache)
+    clean = featurized(w, argv)
+    array = next(cache.glob("*/features.npy"))
+    raw = bytearray(array.read_bytes())
+    raw[-64:] = bytes(64)  # the last rows' last values: zeros, same size
+    array.write_bytes(bytes(raw))
+    return recovered(w, argv, cache, clean, "recomputing")
+
+
+@case("cache", "a feature manifest that is not JSON")
+def _(w: Scratch) -> Outcome:
+    cache = w.fresh("cache") / "c"
+    argv = featurize_argv(w.model, w.data, cache)
+    clean = featurized(w, argv)
+    next(cache.glob("*/manifest.json")).write_text("{torn")
+    return recovered(w, argv, cache, clean, "starting over")
+
+
+@case("cache", "one changed pixel in a model's recorded training data")
+def _(w: Scratch) -> Outcome:
+    data, cache = w.data_copy(), w.fresh("cache") / "c"
+    model = w.model_copy()
+    recipe = json.loads((model / "recipe.json").read_text())
+    recipe["config"]["data_dir"] = str(data)
+    (model / "recipe.json").write_text(json.dumps(recipe))
+    image = np.asarray(Image.open(data / "a" / "000.png")).copy()
+    image[0, 0] = (image[0, 0].astype(int) + 1) % 256
+    Image.fromarray(image).save(data / "a" / "000.png")
+    return refused(w, ["featurize", "--model", model, "--training-set", "--cache-dir", cache, *FAST],
+                   "data_hash|hash", untouched=[data], absent=[cache])
+
+
+# -- kills at write points and runs left half-done --------------------------------------------------
+
+def killed_then_rerun(w: Scratch, argv: list, point: str, folder: Path, ignore: tuple[str, ...] = (),
+                      clean_folder: Path | None = None, clean_argv: list | None = None) -> Outcome:
+    """Run ``clean_argv`` once uninterrupted into ``clean_folder``; run ``argv`` killed at ``point``
+    (a forked child, SIGKILL), rerun it, and require the same files as the clean run."""
+    from tests.evaluation.forked import run_cli as forked
+
+    logs = w.fresh("logs")
+    if forked(clean_argv, logs).returncode != 0:
+        raise CaseFailed(f"the uninterrupted run failed: {' '.join(map(str, clean_argv))}")
+    killed = forked(argv, logs, fault=point)
+    if killed.returncode != KILLED:
+        raise CaseFailed(f"{point} was not reached (exit {killed.returncode}): {killed.stderr[-300:]}")
+    rerun = forked(argv, logs)
+    if rerun.returncode != 0:
+        raise CaseFailed(f"the rerun after a kill at {point} failed: {rerun.stderr[-300:]}")
+    if snapshot(folder, ignore) != snapshot(clean_folder, ignore):
+        raise CaseFailed(f"the rerun after a kill at {point} differs from an uninterrupted run")
+    return Outcome(w.show(f"DTRAK_FAULT={point} python -m dtrak_core " + " ".join(map(str, argv))) + " (then rerun)",
+                   "killed (SIGKILL); the rerun resumes and finishes", "nothing: byte-identical to an uninterrupted run")
+
+
+def _featurize_kill(point: str):
+    def run(w: Scratch) -> Outcome:
+        clean, cache = w.fresh("clean") / "c", w.fresh("cache") / "c"
+        return killed_then_rerun(w, featurize_argv(w.model, w.data, cache), point, cache, ("*/manifest.json", "*/.lock"),
+                                 clean, featurize_argv(w.model, w.data, clean))
+    return run
+
+
+for _point in ("features.create", "features.batch@2", "features.complete"):
+    case("kill", f"featurize killed at {_point}")(_featurize_kill(_point))
+
+TRAIN_VOLATILE = ("recipe.json", "train_complete.json", "train_state.pt", ".train.lock", "train_config.json")
+
+
+def _train_argv(w: Scratch, out: Path) -> list:
+    return ["train", "--data", w.data, "--out", out, "--preset", "tiny", "--image-size", "16", "--steps", "4",
+            "--batch-size", "4", "--warmup-steps", "2", "--checkpoint-every", "2"]
+
+
+def _train_kill(point: str):
+    def run(w: Scratch) -> Outcome:
+        clean, out = w.fresh("clean") / "model", w.fresh("train") / "model"
+        return killed_then_rerun(w, _train_argv(w, out), point, out, TRAIN_VOLATILE, clean, _train_argv(w, clean))
+    return run
+
+
+for _point in ("train.state@2", "train.pipeline@2", "train.marker"):
+    case("kill", f"train killed at {_point}")(_train_kill(_point))
+
+
+@case("kill", "lds build killed while retraining a subset model")
+def _(w: Scratch) -> Outcome:
+    def argv(out: Path) -> list:
+        return ["lds", "build", "--model", w.model, "--out", out, "--subsets", "2", "--tuning-subsets", "0",
+                "--seeds", "1", "--measure-timesteps", "2", "--generated-seeds", "0", "--no-progress"]
+    clean, out = w.fresh("clean") / "build", w.fresh("lds") / "build"
+    return killed_then_rerun(w, argv(out), "lds.retrain.model", out, ("lds.json", "outputs/*", "*.lock", "*/.lock"),
+                             clean, argv(clean))
+
+
+@case("kill", "counterfactual killed while writing a result")
+def _(w: Scratch) -> Outcome:
+    def argv(work: Path) -> list:
+        return ["counterfactual", "--model", w.model, "--target-seed", "0", "--method", "random", "--k", "2",
+                "--results", work / "results", "--models-dir", work / "models", "--no-progress"]
+    clean, work = w.fresh("clean"), w.fresh("cf")
+    return killed_then_rerun(w, argv(work), "counterfactual.result", work / "results", ("*.json", "*.lock", "*/.lock"),
+                             clean / "results", argv(clean))
+
+
+@case("run", "a model folder whose training was killed (read by featurize)")
+def _(w: Scratch) -> Outcome:
+    from tests.evaluation.forked import run_cli as forked
+
+    out, cache = w.fresh("train") / "model", w.fresh("cache") / "c"
+    if forked(_train_argv(w, out), w.fresh("logs"), fault="train.pipeline@2").returncode != KILLED:
+        raise CaseFailed("train.pipeline was not reached")
+    return refused(w, featurize_argv(out, w.data, cache), "unfinished training run", untouched=[out], absent=[cache])
+
+
+@case("run", "resume a run with a longer --steps (its cosine schedule would change)")
+def _(w: Scratch) -> Outcome:
+    model = w.model_copy()
+    argv = _train_argv(w, model)
+    argv[argv.index("--steps") + 1] = "8"
+    return refused(w, argv, "learning rate", untouched=[model])
+
+
+@case("run", "train into a folder that holds someone else's files")
+def _(w: Scratch) -> Outcome:
+    out = w.fresh("train") / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    return refused(w, _train_argv(w, out), "holds files of no run", untouched=[out / "notes.txt"])
+
+
+@case("model", "a scheduler class we cannot reproduce (flow matching)")
+def _(w: Scratch) -> Outcome:
+    model, cache = w.model_copy(), w.fresh("cache") / "c"
+    for name in ("train_complete.json", "train_state.pt"):
+        (model / name).unlink(missing_ok=True)
+    for config in (model / "scheduler" / "scheduler_config.json", model / "model_index.json"):
+        config.write_text(config.read_text().replace('"DDPMScheduler"', '"FlowMatchEulerDiscreteScheduler"'))
+    return refused(w, featurize_argv(model, w.data, cache), "FlowMatchEulerDiscreteScheduler", untouched=[model],
+                   absent=[cache])
+
+
+@case("model", "weights changed after training (sha256 in train_complete.json)")
+def _(w: Scratch) -> Outcome:
+    model, cache = w.model_copy(), w.fresh("cache") / "c"
+    weights = next((model / "unet").glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    return refused(w, featurize_argv(model, w.data, cache), "does not match its sha256", untouched=[model],
+                   absent=[cache])
+
+
+@case("cache", "a counterfactual result changed on disk (same size)")
+def _(w: Scratch) -> Outcome:
+    from tests.evaluation.forked import run_cli as forked
+
+    work = w.fresh("cf")
+    argv = ["counterfactual", "--model", w.model, "--target-seed", "0", "--method", "random", "--k", "2",
+            "--results", work / "results", "--models-dir", work / "models", "--no-progress"]
+    if forked(argv, w.fresh("logs")).returncode != 0:
+        raise CaseFailed("the counterfactual run failed")
+    record = next(p for p in (work / "results").rglob("*.json") if "before_png" in p.read_text())
+    record.write_text(record.read_text().replace('"method": "random"', '"method": "rAndom"', 1))
+    code, command, _ = run_inline(w, argv)
+    said = [line for line in w.stdout if "random-k2" in line]
+    if code != 0 or not said or "(stored)" in said[0]:
+        raise CaseFailed(f"a changed counterfactual record was served: {code} {w.stdout[-3:]}")
+    shown = re.sub(r"pixel L2 [\d.]+, SSIM [-\d.]+", "pixel L2 ..., SSIM ...", w.show(said[0]))
+    return Outcome(command, shown + " (recomputed: without '(stored)')",
+                   "nothing: the experiment is redone, never served")
 
 
 # -- the table -------------------------------------------------------------------------------------
