@@ -12,6 +12,7 @@ that loads a model refusing the model kinds it does not support, at load, in one
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -154,7 +155,7 @@ def _class_conditional_unet(folder: Path) -> str:
 
 def _other_pipeline(folder: Path) -> str:
     _edit_json(folder / "model_index.json", _class_name="KandinskyPipeline")
-    return f"{folder} holds a KandinskyPipeline; supported pipelines: DDPMPipeline"
+    return f"{folder} holds a KandinskyPipeline; supported pipelines: DDPMPipeline, StableDiffusionPipeline"
 
 
 KINDS = {"unfinished": _unfinished, "flow prediction": _flow_prediction,
@@ -163,10 +164,12 @@ KINDS = {"unfinished": _unfinished, "flow prediction": _flow_prediction,
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_command_refuses_an_unsupported_model_at_load(reference, tmp_path, capsys, kind):
+def test_every_command_refuses_an_unsupported_model_at_load(reference, tmp_path, capsys, monkeypatch, kind):
     from dtrak_core import registry
 
     data, ref = reference
+    # Registration accepts folders under its roots only.
+    monkeypatch.setenv("DTRAK_MODEL_ROOTS", os.pathsep.join([str(tmp_path), str(Path(data).parent)]))
     model = tmp_path / "model"
     shutil.copytree(ref, model)
     message = KINDS[kind](model)
