@@ -273,7 +273,7 @@ def model_context() -> Context | None:
     entry = entries[names.index(st.session_state["model"])]
     try:
         files_hash = pipeline_files_hash(entry.model_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, ModelError):  # no folder, not a pipeline (ModelError), missing weights
         try:
             load_model(entry.model_dir)  # says precisely what is wrong (no folder, not a pipeline, type)
         except ModelError as error:

@@ -14,8 +14,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 
-from dtrak_core.io import sha256_bytes, sha256_file
-from dtrak_core.tasks import ModelError, load_task
+from dtrak_core.tasks import ModelError, load_task, task_class_for
 from dtrak_core.training_run import RECIPE_FILE
 
 # Loading a two-part pipeline takes milliseconds; diffusers' bar would only clutter our output.
@@ -74,16 +73,18 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def pipeline_files_hash(model_dir: str | Path) -> str:
-    """sha256 over the files of a DDPMPipeline folder: the UNet weights file and the two configs.
+    """sha256 of a model folder's *files*, as its task defines it (``DiffusionTask.files_hash``),
+    read without loading the model: what the samples cache and LDS / counterfactual builds
+    record to recognise a folder.
 
-    A hash of the folder's *files* (what a build records to recognise a model folder); compare
-    ``hashing.state_dict_hash``, a hash of the loaded tensors.
+    - a ``DDPMPipeline``: the UNet weights file and the two configs (the value recorded so far);
+    - a ``StableDiffusionPipeline``: ``model_index.json`` and every file of its components (VAE,
+      text encoder, tokenizer, UNet, scheduler);
+    - an adapter folder (``base_model.json``): the adapter's files and its base's files hash.
+
+    Compare ``DiffusionTask.content_hash``, a hash of the loaded tensors (feature cache keys).
     """
-    model_dir = Path(model_dir)
-    parts = [sha256_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors"),
-             sha256_file(model_dir / "unet" / "config.json"),
-             sha256_file(model_dir / "scheduler" / "scheduler_config.json")]
-    return sha256_bytes("".join(parts).encode())
+    return task_class_for(model_dir).files_hash(Path(model_dir))
 
 
 __all__ = ["RECIPE_FILE", "UNET_PRESETS", "UNetPreset", "ModelError", "make_scheduler", "count_parameters",

@@ -80,6 +80,8 @@ class RunSpec:
         already done stays the same (``learning_rate(config, step)``), so that the result is
         bit for bit the uninterrupted run of the new settings (and the recipe tells the truth).
     steps_setting: the config key of the number of steps.
+    total_steps: the step the run's counter ends at, when that is not ``config[steps_setting]``
+        (train-sd counts its VAE steps first: ``vae_steps + steps``); None: the steps setting.
     defaults: values of settings an older config may lack (compared as if present).
     flags: the command-line flag of a setting, for messages.
     """
@@ -89,11 +91,16 @@ class RunSpec:
     schedule_settings: frozenset[str] = frozenset({"steps"})
     learning_rate: Callable[[Mapping[str, Any], int], float] | None = None
     steps_setting: str = "steps"
+    total_steps: Callable[[Mapping[str, Any]], int] | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     flags: Mapping[str, str] = field(default_factory=dict)
 
     def flag(self, name: str) -> str:
         return self.flags.get(name, name)
+
+    def steps_of(self, config: Mapping[str, Any]) -> int:
+        """The step a run of ``config`` ends at (what its marker's ``steps_done`` will say)."""
+        return int(config[self.steps_setting]) if self.total_steps is None else int(self.total_steps(config))
 
 
 @dataclass(frozen=True)
@@ -248,8 +255,10 @@ def check_resume(saved: Mapping[str, Any], new: Mapping[str, Any], steps_done: i
         details = ", ".join(f"{k} {_short(saved.get(k))} -> {_short(new.get(k))}" for k in fixed)
         raise RunError(f"{out_dir} holds a run with other settings ({details}); use another --out or delete it")
     key = spec.steps_setting
-    if steps_done > int(new[key]):
-        raise RunError(f"{out_dir} has done {steps_done} steps already, more than {key}={new[key]}: rerun with "
+    total = spec.steps_of(new)
+    if steps_done > total:
+        limit = f"{key}={new[key]}" if total == int(new[key]) else f"the {total} of {key}={new[key]} and the other stages"
+        raise RunError(f"{out_dir} has done {steps_done} steps already, more than {limit}: rerun with "
                        f"{spec.flag(key)} {saved[key]}, or train into another --out")
     schedule = [k for k in changed if k in spec.schedule_settings]
     if not schedule or steps_done == 0:
@@ -289,7 +298,8 @@ class TrainingRun:
 
     @property
     def steps(self) -> int:
-        return int(self.config[self.spec.steps_setting])
+        """The step this run ends at (``RunSpec.steps_of``)."""
+        return self.spec.steps_of(self.config)
 
     # -- opening -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -2,23 +2,24 @@
 
 Both follow ``training.train``'s rules: every draw of step s (batch rows, timesteps, noise,
 caption dropout) comes from ``diffusion.generator(seed, ..., s)``, so a run resumed from its
-``train_state.pt`` continues bit for bit; the output is replaced file by file with atomic renames
-and ``recipe.json`` (config, data hash, training files) is written last; ``train_config.json``
-refuses a resume with other settings. The loops are kept plain so that they can move onto the
-shared run mechanics (resume check, state, final write) when those are factored out of
-``training.py``.
+``train_state.pt`` continues bit for bit. What happens on disk (the lock, the up-front space
+check, the digest-checked state, the resume rule, kept checkpoints, the staged final write and
+``train_complete.json`` last) is :mod:`dtrak_core.training_run`'s, as for ``train``: the
+trainers are ``"sd"`` and ``"sd-lora"`` there (a folder of another trainer is refused), with the
+fault points ``train.state``, ``train.checkpoint``, ``train.pipeline`` and ``train.marker``.
 
 - :func:`train_sd`: an AutoencoderKL trained first (reconstruction + a small KL, ``vae_steps``),
   then its latent scale set to 1 / std of the training latents (as SD's 0.18215 was chosen),
   then a UNet2DConditionModel trained on the VAE means of the images (``steps``), with an EMA,
   conditioned on a CLIP text encoder (random and frozen unless ``text_learning_rate`` > 0: see
-  the comment in :func:`train_sd`) and classifier-free guidance through caption dropout (the
-  empty caption with probability ``caption_dropout``). The tokenizer is a CLIP BPE learned
+  the comment in :func:`_train_sd_steps`) and classifier-free guidance through caption dropout
+  (the empty caption with probability ``caption_dropout``). The tokenizer is a CLIP BPE learned
   from the captions (:func:`build_caption_tokenizer`). The folder is a plain diffusers
-  ``StableDiffusionPipeline`` (no safety checker).
+  ``StableDiffusionPipeline`` (no safety checker). The run's step counts the VAE's steps first
+  (its schedule: :func:`sd_learning_rate`), so it ends at ``vae_steps + steps``.
 - :func:`train_lora`: a peft LoRA on the UNet's attention projections of any SD pipeline folder,
   written in diffusers' format (``pipeline.load_lora_weights(folder)`` loads it) with
-  ``base_model.json`` naming the base (``dtrak_core.lora``).
+  ``base_model.json`` naming the base (``dtrak_core.lora``); the adapter folder is the run's model.
 """
 
 from __future__ import annotations
@@ -27,30 +28,26 @@ import argparse
 import copy
 import dataclasses
 import json
-import platform
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from dtrak_core.cli_options import add_field_option
 from dtrak_core.datasets import ImageFolderDataset, load_image_folder
 from dtrak_core.diffusion import generator
-from dtrak_core.io import atomic_path, ensure_writable, fault_point, write_json_atomic
-from dtrak_core.models import RECIPE_FILE, count_parameters
+from dtrak_core.models import count_parameters, pipeline_files_hash
 from dtrak_core.progress import progress_bar
 from dtrak_core.tasks import load_task
 from dtrak_core.tasks.base import ModelError
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
-from dtrak_core.tasks.text_to_image import TextToImageTask, dataset_captions, pipeline_folder_hash
+from dtrak_core.tasks.text_to_image import TextToImageTask, dataset_captions
 from dtrak_core.training import batch_indices, learning_rate_at, select_training_rows, update_ema
+from dtrak_core.training_run import Footprint, Resume, RunSpec, TrainingRun, machine_info, tensor_bytes
 
-STATE_FILE = "train_state.pt"
-CONFIG_FILE = "train_config.json"
-#: Settings a resumed run may change: none changes the weights of a given step.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -177,15 +174,21 @@ def make_sd_scheduler(prediction_type: str = "epsilon"):
 
 
 # -- shared pieces -----------------------------------------------------------------------------
-def _check_resume(out_dir: Path, config_dict: dict) -> None:
-    path = out_dir / CONFIG_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = {k for k in set(saved) | set(config_dict) if saved.get(k) != config_dict.get(k)}
-        if changed - RESUMABLE_CHANGES:
-            raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(sorted(changed - RESUMABLE_CHANGES))}); "
-                             "use another --out or delete it")
-    write_json_atomic(path, config_dict)
+#: Settings that never change the weights: checkpointing, and the folder's own path (a moved run
+#: folder resumes).
+FREE_SETTINGS = frozenset({"checkpoint_every", "keep_checkpoints", "out_dir"})
+
+
+def _run_spec(trainer: str, config_class: type, learning_rate: Callable[[Any, int], float],
+              total_steps: Callable[[Mapping[str, Any]], int] | None = None) -> RunSpec:
+    """A trainer as the run mechanics see it (as ``training._run_spec``): ``steps`` may change on
+    resume only where ``learning_rate(config, step)`` of every step done stays the same."""
+    specs = dataclasses.fields(config_class)
+    return RunSpec(
+        trainer=trainer, free_settings=FREE_SETTINGS, schedule_settings=frozenset({"steps"}),
+        learning_rate=lambda config, step: learning_rate(config_class(**config), step), total_steps=total_steps,
+        defaults={f.name: f.default for f in specs if f.default is not dataclasses.MISSING},
+        flags={f.name: f.metadata["flags"][0] for f in specs})
 
 
 def _load_captioned(data_dir: str, image_size: int, config) -> tuple[ImageFolderDataset, list[str]]:
@@ -196,21 +199,14 @@ def _load_captioned(data_dir: str, image_size: int, config) -> tuple[ImageFolder
     return data, dataset_captions(data)
 
 
-def _machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": "cpu"}
-
-
 def _recipe(trainer: str, config, data: ImageFolderDataset, step: int, wall: float, losses: list[float],
             **extra) -> dict:
+    """``recipe.json``: ``training``'s fields (config, data hash, training files, ...), plus
+    ``trainer`` (the run's trainer name, as in its ``train_complete.json``) and ``extra``."""
     return {"trainer": trainer, "config": asdict(config), "data_hash": data.pixels_and_metadata_hash,
             "num_train_images": len(data), "train_files": data.metadata["file_name"].tolist(),
             "steps_done": step, "wall_seconds": round(wall, 1), "final_loss_ema": losses[-1] if losses else None,
-            "machine": _machine(), **extra}
-
-
-def _lr(step: int, config) -> float:
-    return learning_rate_at(step, config)  # reads learning_rate, warmup_steps, steps only
+            "machine": machine_info("cpu"), **extra}
 
 
 def _diffusion_loss(task: TextToImageTask, x0: torch.Tensor, condition: torch.Tensor,
@@ -226,6 +222,11 @@ def _diffusion_loss(task: TextToImageTask, x0: torch.Tensor, condition: torch.Te
 def _dropped(g: torch.Generator, count: int, p: float) -> torch.Tensor:
     """Which rows get the empty caption (always drawn, so the stream does not depend on p)."""
     return torch.rand(count, generator=g) < p
+
+
+def _losses_tensor(losses: list[float]) -> torch.Tensor:
+    # float64: the recipe's final loss is then the same number after a resume.
+    return torch.tensor(losses, dtype=torch.float64)
 
 
 # -- train-lora --------------------------------------------------------------------------------
@@ -273,13 +274,33 @@ class LoraTrainConfig:
             raise ValueError("target_modules is empty; name at least one UNet module (e.g. to_q)")
 
 
+def lora_learning_rate(config: LoraTrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay over ``steps`` (``training.learning_rate_at``)."""
+    return learning_rate_at(step, config)  # reads learning_rate, warmup_steps, steps only
+
+
+def _lora_spec() -> RunSpec:
+    return _run_spec("sd-lora", LoraTrainConfig, lora_learning_rate)
+
+
+def _lora_footprint(lora_tensors: Mapping[str, torch.Tensor], config: LoraTrainConfig) -> Footprint:
+    """Bytes the run writes: the state holds the LoRA weights and AdamW's two moments (3 copies,
+    float32); the adapter and each kept checkpoint hold the weights once."""
+    weights = tensor_bytes(lora_tensors)
+    checkpoints = -(-config.steps // config.checkpoint_every) if config.keep_checkpoints else 0
+    return Footprint(state_bytes=3 * weights, model_bytes=weights, checkpoint_bytes=weights, checkpoints=checkpoints)
+
+
 def train_lora(config: LoraTrainConfig, progress: bool = True) -> Path:
     """Train (or resume) a LoRA of ``config.base_model`` and write the adapter folder ``config.out_dir``.
 
-    The folder: ``pytorch_lora_weights.safetensors`` (diffusers format), ``base_model.json`` (the
-    base folder and its files hash), ``recipe.json`` (written last), ``train_state.pt`` and
-    ``train_config.json`` (resuming). The base (VAE, text encoder, UNet) stays frozen, so the
-    latents and text embeddings of the training set are computed once.
+    The folder (the "model" of this run, written by ``TrainingRun.publish``):
+    ``pytorch_lora_weights.safetensors`` (diffusers format), ``base_model.json`` (the base folder
+    and its files hash), ``recipe.json``, then ``train_complete.json`` last; ``train_state.pt``
+    for resuming; with ``keep_checkpoints``, ``checkpoints/step-N/`` holds the adapter of every
+    checkpoint with its own ``base_model.json`` (each loads as a model, for TracIn). The base
+    (VAE, text encoder, UNet) stays frozen, so the latents and text embeddings of the training
+    set are computed once. Resume rules: :func:`dtrak_core.training_run.check_resume`.
     """
     from peft import LoraConfig
 
@@ -291,17 +312,7 @@ def train_lora(config: LoraTrainConfig, progress: bool = True) -> Path:
     if not isinstance(base, TextToImageTask) or base.has_adapter:
         raise ModelError(f"{config.base_model} is not a Stable Diffusion pipeline folder without an adapter; "
                          "train-lora adapts a base pipeline")
-    base_hash = pipeline_folder_hash(config.base_model)
     data, captions = _load_captioned(config.data_dir, base.image_size, config)
-    ensure_writable(out_dir, what="LoRA adapter")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume(out_dir, asdict(config))
-
-    with torch.no_grad():
-        x_all = torch.cat([base.encode_images(data.to_tensor(range(i, min(i + 64, len(data)))))
-                           for i in range(0, len(data), 64)])
-        text_all = base.encode_prompts(captions)
-        empty = base.encode_prompts([""])
     unet = base.denoiser
     torch.manual_seed(config.seed)  # the LoRA's initial A (B starts at zero)
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
@@ -311,17 +322,45 @@ def train_lora(config: LoraTrainConfig, progress: bool = True) -> Path:
     if not names:
         raise ModelError(f"no module of the UNet of {config.base_model} is named {config.target_modules}")
     params = dict(unet.named_parameters())
+    run = TrainingRun(out_dir, _lora_spec(), asdict(config))
+    with run.open(_lora_footprint({n: params[n] for n in names}, config)):
+        resume = run.begin()
+        if resume.complete:
+            return out_dir
+        _train_lora_steps(run, resume, config, base, data, captions, names, progress)
+    return out_dir
+
+
+def _train_lora_steps(run: TrainingRun, resume: Resume, config: LoraTrainConfig, base: TextToImageTask,
+                      data: ImageFolderDataset, captions: list[str], names: list[str], progress: bool) -> None:
+    """Steps ``resume.step`` .. ``config.steps`` (state saved every ``checkpoint_every`` steps and
+    at the end), then the adapter folder."""
+    from dtrak_core import lora
+
+    base_hash = pipeline_files_hash(config.base_model)
+    with torch.no_grad():
+        x_all = torch.cat([base.encode_images(data.to_tensor(range(i, min(i + 64, len(data)))))
+                           for i in range(0, len(data), 64)])
+        text_all = base.encode_prompts(captions)
+        empty = base.encode_prompts([""])
+    unet = base.denoiser
+    params = dict(unet.named_parameters())
     trainable = [params[n].requires_grad_(True) for n in names]
     unet.train()
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     step, wall, losses = 0, 0.0, []
-    if (out_dir / STATE_FILE).exists():
-        state = torch.load(out_dir / STATE_FILE, weights_only=True)
+    if resume.payload is not None:
+        state = resume.payload
         with torch.no_grad():
             for n in names:
                 params[n].copy_(state["lora"][n])
         optimizer.load_state_dict(state["optimizer"])
-        step, wall, losses = int(state["step"]), float(state["wall_seconds"]), state["losses"].tolist()
+        step, wall, losses = resume.step, float(state["wall_seconds"]), state["losses"].tolist()
+
+    def write_adapter(folder: Path) -> None:
+        """An adapter folder: the weights and ``base_model.json`` (the final one and each checkpoint)."""
+        lora.save_adapter(unet, folder)
+        lora.write_base(folder, config.base_model, base_hash)
 
     n = len(data)
     bar = progress_bar(total=config.steps, initial=step, desc="train-lora", disable=not progress, unit="step")
@@ -334,7 +373,7 @@ def train_lora(config: LoraTrainConfig, progress: bool = True) -> Path:
         condition = torch.where(drop[:, None, None], empty.expand_as(condition), condition)
         loss = _diffusion_loss(base, x_all[rows], condition, g)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, config)
+            group["lr"] = lora_learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -345,20 +384,15 @@ def train_lora(config: LoraTrainConfig, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             wall = time.time() - started
-            state = {"lora": {k: params[k].detach().clone() for k in names}, "optimizer": optimizer.state_dict(),
-                     "step": torch.tensor(step), "wall_seconds": torch.tensor(wall), "losses": torch.tensor(losses)}
-            with atomic_path(out_dir / STATE_FILE) as tmp:
-                torch.save(state, tmp)
-            fault_point("train_lora.state")
             if config.keep_checkpoints:
-                lora.save_adapter(unet, out_dir / "checkpoints" / f"step-{step:07d}")
-            lora.save_adapter(unet, out_dir)
-            lora.write_base(out_dir, config.base_model, base_hash)
-            write_json_atomic(out_dir / RECIPE_FILE, _recipe(
-                "train-lora", config, data, step, wall, losses, base_hash=base_hash,
-                lora_parameters=sum(params[k].numel() for k in names)))
+                run.keep_checkpoint(step, write_adapter)
+            run.save_state({"lora": {k: params[k].detach().clone() for k in names}, "optimizer": optimizer.state_dict(),
+                            "step": torch.tensor(step), "wall_seconds": torch.tensor(wall),
+                            "losses": _losses_tensor(losses)}, step)
     bar.close()
-    return out_dir
+    # Also reached with no step taken: the state is complete and the adapter folder was not (a repair).
+    run.publish(write_adapter, _recipe("sd-lora", config, data, step, wall, losses, base_hash=base_hash,
+                                       lora_parameters=sum(params[k].numel() for k in names)), step)
 
 
 # -- train-sd ----------------------------------------------------------------------------------
@@ -437,31 +471,74 @@ def _latent_means(vae, images: torch.Tensor) -> torch.Tensor:
     return means
 
 
+def sd_learning_rate(config: SdTrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` of a train-sd run, which counts the VAE's steps first:
+    ``vae_learning_rate`` (constant) for steps 0 .. vae_steps-1, then the UNet's warm-up and
+    cosine decay over ``steps`` (the text encoder's is this times ``text_learning_rate / learning_rate``)."""
+    if step < config.vae_steps:
+        return config.vae_learning_rate
+    return learning_rate_at(step - config.vae_steps, config)  # reads learning_rate, warmup_steps, steps only
+
+
+def _sd_spec() -> RunSpec:
+    return _run_spec("sd", SdTrainConfig, sd_learning_rate,
+                     total_steps=lambda config: int(config["vae_steps"]) + int(config["steps"]))
+
+
+def _sd_footprint(task: TextToImageTask, config: SdTrainConfig) -> Footprint:
+    """Bytes the run writes: the state holds the VAE with AdamW's two moments (3 copies), the UNet
+    with its EMA and moments (4), the text encoder with its EMA (2; 4 when it trains), float32;
+    the pipeline each model once (the tokenizer and configs fit in the small files' room)."""
+    vae, unet, text = (tensor_bytes(m.state_dict()) for m in (task.vae, task.denoiser, task.text_encoder))
+    text_copies = 4 if config.text_learning_rate > 0 else 2
+    return Footprint(state_bytes=3 * vae + 4 * unet + text_copies * text, model_bytes=vae + unet + text)
+
+
 def train_sd(config: SdTrainConfig, progress: bool = True) -> Path:
     """Train (or resume) a small Stable Diffusion and write the pipeline folder ``config.out_dir``.
 
-    Steps 0 .. vae_steps-1 train the VAE, the next ``steps`` the UNet and text encoder (the EMA
-    weights are saved). The folder is written at each checkpoint of the second stage and at the
-    end; it loads with ``StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)``.
+    Steps 0 .. vae_steps-1 train the VAE, the next ``steps`` the UNet (and the text encoder when
+    ``text_learning_rate`` > 0); the EMA weights are saved. The run's state is saved every
+    ``checkpoint_every`` steps and at the end; the pipeline (tokenizer included) is written once,
+    at the end, by ``TrainingRun.publish``, with ``train_complete.json`` last. The folder loads
+    with ``StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)``.
     """
     config.validate()
     preset = SD_PRESETS[config.preset]
     out_dir = Path(config.out_dir)
     data, captions = _load_captioned(config.data_dir, config.image_size, config)
-    ensure_writable(out_dir, what="Stable Diffusion pipeline")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume(out_dir, asdict(config))
-
-    images = data.to_tensor()
     tokenizer = build_caption_tokenizer(captions, config.max_length)
     scheduler = make_sd_scheduler(config.prediction_type)
     vae = preset.build_vae(config.image_size, config.seed).train()
     text_encoder = preset.build_text_encoder(tokenizer, config.seed + 1).train()
     unet = preset.build_unet(config.image_size // preset.vae_factor, config.seed + 2).train()
+    task = TextToImageTask(unet, scheduler, vae, text_encoder, tokenizer)
+    ids = task.token_ids(captions)  # PromptError for a caption longer than max_length, before any write
+    run = TrainingRun(out_dir, _sd_spec(), asdict(config))
+    with run.open(_sd_footprint(task, config)):
+        resume = run.begin()
+        if resume.complete:
+            return out_dir
+        _train_sd_steps(run, resume, config, data, task, ids, progress)
+    return out_dir
+
+
+def _unet_stage_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Enter the second stage: the VAE is final, so its latent scale is set (1 / std of the
+    training latent means, in its config) and it is frozen; returns the scaled means."""
+    means = _latent_means(vae, images)
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    vae.eval().requires_grad_(False)
+    return means * float(vae.config.scaling_factor)
+
+
+def _train_sd_steps(run: TrainingRun, resume: Resume, config: SdTrainConfig, data: ImageFolderDataset,
+                    task: TextToImageTask, ids: torch.Tensor, progress: bool) -> None:
+    """Steps ``resume.step`` .. vae_steps + steps, then the pipeline of the EMA weights."""
+    vae, text_encoder, unet = task.vae, task.text_encoder, task.denoiser
+    images = data.to_tensor()
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False)
-    task = TextToImageTask(unet, scheduler, vae, text_encoder, tokenizer)
-    ids = task.token_ids(captions)  # PromptError for a caption longer than max_length
     empty_ids = task.token_ids([""])
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=config.weight_decay)
     # Frozen by default: trained jointly from scratch at this scale, the text encoder collapses every
@@ -475,12 +552,12 @@ def train_sd(config: SdTrainConfig, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.95, 0.999),
                                   weight_decay=config.weight_decay)
     step, wall, losses = 0, 0.0, []
-    if (out_dir / STATE_FILE).exists():
-        state = torch.load(out_dir / STATE_FILE, weights_only=True)
+    if resume.payload is not None:
+        state = resume.payload
         for module, key in ((vae, "vae"), (unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
                             (ema_text, "ema_text"), (vae_optimizer, "vae_optimizer"), (optimizer, "optimizer")):
             module.load_state_dict(state[key])
-        step, wall, losses = int(state["step"]), float(state["wall_seconds"]), state["losses"].tolist()
+        step, wall, losses = resume.step, float(state["wall_seconds"]), state["losses"].tolist()
 
     total = config.vae_steps + config.steps
     latents = None
@@ -492,16 +569,13 @@ def train_sd(config: SdTrainConfig, progress: bool = True) -> Path:
             rows = batch_indices(step, len(data), config.batch_size, config.seed)
             loss = _vae_loss(vae, images[rows], g, config.kl_weight)
             for group in vae_optimizer.param_groups:
-                group["lr"] = config.vae_learning_rate
+                group["lr"] = sd_learning_rate(config, step)
             vae_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             vae_optimizer.step()
         else:
-            if latents is None:  # the VAE is final from here on: its means and their scale, once
-                means = _latent_means(vae, images)
-                vae.register_to_config(scaling_factor=float(1.0 / means.std()))
-                vae.eval().requires_grad_(False)
-                latents = means * float(vae.config.scaling_factor)
+            if latents is None:
+                latents = _unet_stage_latents(vae, images)
             s = step - config.vae_steps
             rows = batch_indices(s, len(data), config.batch_size, config.seed)
             drop = _dropped(g, len(rows), config.caption_dropout)
@@ -509,7 +583,7 @@ def train_sd(config: SdTrainConfig, progress: bool = True) -> Path:
             condition = text_encoder(batch_ids)[0]
             loss = _diffusion_loss(task, latents[rows], condition, g)
             for group in optimizer.param_groups:
-                group["lr"] = _lr(s, config) * group["scale"]
+                group["lr"] = sd_learning_rate(config, step) * group["scale"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -517,47 +591,32 @@ def train_sd(config: SdTrainConfig, progress: bool = True) -> Path:
             if config.text_learning_rate > 0:
                 update_ema(ema_text, text_encoder, config.ema_decay, s)
         step += 1
-        loss_ema = loss.item() if loss_ema is None or step == config.vae_steps + 1 else 0.98 * loss_ema + 0.02 * loss.item()
+        fresh_stage = loss_ema is None or step == config.vae_steps + 1  # the UNet's loss is not the VAE's
+        loss_ema = loss.item() if fresh_stage else 0.98 * loss_ema + 0.02 * loss.item()
         losses.append(loss_ema)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.4f}", stage="vae" if step <= config.vae_steps else "unet")
         if step % config.checkpoint_every == 0 or step == total:
             wall = time.time() - started
-            state = {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                     "vae_optimizer": vae_optimizer.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": torch.tensor(step), "wall_seconds": torch.tensor(wall), "losses": torch.tensor(losses)}
-            with atomic_path(out_dir / STATE_FILE) as tmp:
-                torch.save(state, tmp)
-            fault_point("train_sd.state")
-            if step > config.vae_steps:
-                final = TextToImageTask(ema_unet, scheduler, vae, ema_text, tokenizer)
-                _write_pipeline(out_dir, final, _recipe(
-                    "train-sd", config, data, step, wall, losses, scaling_factor=float(vae.config.scaling_factor),
-                    parameters={"unet": count_parameters(unet), "vae": count_parameters(vae),
-                                "text_encoder": count_parameters(text_encoder)}))
+            run.save_state({"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                            "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                            "vae_optimizer": vae_optimizer.state_dict(), "optimizer": optimizer.state_dict(),
+                            "step": torch.tensor(step), "wall_seconds": torch.tensor(wall),
+                            "losses": _losses_tensor(losses)}, step)
     bar.close()
-    return out_dir
+    if latents is None:  # a repair (no step left to train): the VAE's scale is still the run's to set
+        _unet_stage_latents(vae, images)
+    final = TextToImageTask(ema_unet, task.scheduler, vae, ema_text, task.tokenizer)
+    recipe = _recipe("sd", config, data, step, wall, losses, scaling_factor=float(vae.config.scaling_factor),
+                     parameters={"unet": count_parameters(unet), "vae": count_parameters(vae),
+                                 "text_encoder": count_parameters(text_encoder)})
+    run.publish(lambda staging: _save_pipeline(final, staging), recipe, step)
 
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def _write_pipeline(out_dir: Path, task: TextToImageTask, recipe: dict) -> None:
-    """Write the pipeline into a staging folder, swap its parts in, then ``recipe.json`` last."""
-    import shutil
-
-    staging = out_dir / ".pipeline.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    task.save(staging)
-    save_tokenizer(task.tokenizer, staging / "tokenizer")
-    fault_point("train_sd.pipeline")
-    for part in PIPELINE_PARTS:
-        shutil.rmtree(out_dir / part, ignore_errors=True)
-        (staging / part).rename(out_dir / part)
-    (staging / "model_index.json").replace(out_dir / "model_index.json")
-    shutil.rmtree(staging, ignore_errors=True)
-    write_json_atomic(out_dir / RECIPE_FILE, recipe)
+def _save_pipeline(task: TextToImageTask, folder: Path) -> None:
+    """The pipeline (``save_pretrained``) with the tokenizer's ``vocab.json`` and ``merges.txt`` too."""
+    task.save(folder)
+    save_tokenizer(task.tokenizer, folder / "tokenizer")
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ all go through it. A new model family is one subclass registered in ``tasks.TASK
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 
+from dtrak_core.io import sha256_file, sha256_json
 from dtrak_core.schedule import NoiseSchedule
 from dtrak_core.tasks.prediction import PREDICTION_TYPES, PredictionType
 
@@ -104,6 +106,24 @@ class DiffusionTask(ABC):
     @abstractmethod
     def save(self, model_dir: str | Path) -> None:
         """Write the pipeline folder (``save_pretrained``, safetensors) that ``load`` reads back."""
+
+    @classmethod
+    def files_hash(cls, model_dir: Path) -> str:
+        """sha256 of the files of a model folder of this family, read without loading the model:
+        what recognises a folder on disk (the samples cache, LDS and counterfactual builds,
+        ``models.pipeline_files_hash``). ``content_hash`` is another thing: the loaded tensors
+        that change a feature (feature keys). Default: ``model_index.json`` and every file of
+        the components it names, as (relative path, sha256) pairs in path order; files beside
+        them (recipe, training state, kept checkpoints) and hidden files are not the model."""
+        model_dir = Path(model_dir)
+        index = json.loads((model_dir / "model_index.json").read_text())
+        files = [model_dir / "model_index.json"]
+        for name in index:
+            if not name.startswith("_") and (model_dir / name).is_dir():
+                files += [p for p in (model_dir / name).rglob("*") if p.is_file()]
+        parts = [(p.relative_to(model_dir).as_posix(), sha256_file(p)) for p in sorted(files)]
+        return sha256_json([(rel, digest) for rel, digest in parts
+                            if not any(part.startswith(".") for part in rel.split("/"))])
 
     # -- what the diffusion runs on -----------------------------------------------------------
     @property

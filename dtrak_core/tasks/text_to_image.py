@@ -97,19 +97,6 @@ def sd_pipeline_class():
     return StableDiffusionPipeline
 
 
-def pipeline_folder_hash(folder: str | Path) -> str:
-    """sha256 over every file of a pipeline folder's components (relative path and bytes), so a
-    changed VAE, text encoder, tokenizer, UNet or scheduler changes it; our own bookkeeping files
-    (``recipe.json``, training state) are left out."""
-    folder = Path(folder)
-    parts = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and ("/" in rel or rel == "model_index.json") and not rel.startswith("."):
-            parts.append((rel, sha256_file(path)))
-    return sha256_json(parts)
-
-
 class TextToImageTask(DiffusionTask):
     """Stable Diffusion: x0 = VAE latents (posterior mean x scaling factor); condition = CLIP text
     hidden states (B, L, D); ``unet(x_t, t, encoder_hidden_states=condition)``."""
@@ -150,13 +137,30 @@ class TextToImageTask(DiffusionTask):
             adapter = model_dir
             if not (base_dir / "model_index.json").exists():
                 raise ModelError(f"the base pipeline {base_dir} named in {model_dir / lora.BASE_FILE} does not exist")
-            if base_hash and pipeline_folder_hash(base_dir) != base_hash:
+            if base_hash and cls.files_hash(base_dir) != base_hash:
                 raise ModelError(f"the base pipeline {base_dir} has changed since the LoRA in {model_dir} was "
                                  f"trained on it (files hash differs from {lora.BASE_FILE})")
         task = cls._load_pipeline(base_dir)
         if adapter is not None:
             task.attach_adapter(adapter)
         return task
+
+    @classmethod
+    def files_hash(cls, model_dir: Path) -> str:
+        """A pipeline folder: ``model_index.json`` and every file of its components (VAE, text
+        encoder, tokenizer, UNet, scheduler; ``DiffusionTask.files_hash``). An adapter folder:
+        sha256 over the adapter's files (weights; peft's config) and its base's files hash, so
+        a changed adapter or base changes it. A hash of files for recognising a folder;
+        :meth:`content_hash` (the loaded tensors, configs and tokenizer) keys features."""
+        from dtrak_core import lora
+
+        model_dir = Path(model_dir)
+        pointer = lora.read_base(model_dir) if not (model_dir / "model_index.json").exists() else None
+        if pointer is None:
+            return super().files_hash(model_dir)
+        files = lora.find_adapter(model_dir)
+        adapter = {p.name: sha256_file(p) for p in (files.weights, files.config) if p is not None}
+        return sha256_json({"adapter": adapter, "base": cls.files_hash(pointer[0])})
 
     @classmethod
     def _load_pipeline(cls, model_dir: Path) -> "TextToImageTask":
@@ -203,7 +207,7 @@ class TextToImageTask(DiffusionTask):
             if self.base_dir is None:
                 raise ModelError("this LoRA model has no base pipeline folder on disk; save the base first")
             lora.save_adapter(self.denoiser, model_dir)
-            lora.write_base(model_dir, self.base_dir, pipeline_folder_hash(self.base_dir))
+            lora.write_base(model_dir, self.base_dir, type(self).files_hash(self.base_dir))
             return
         self.pipeline().save_pretrained(model_dir, safe_serialization=True)
 
@@ -430,5 +434,5 @@ def target_features(featurizer, targets: Sequence[TextToImageTarget], first_id: 
 
 
 __all__ = ["TextToImageTask", "TextToImageTarget", "GuidanceSettings", "PromptError", "CAPTION_COLUMN",
-           "dataset_captions", "generate_target", "target_from_image", "target_features", "pipeline_folder_hash",
+           "dataset_captions", "generate_target", "target_from_image", "target_features",
            "tokenizer_hash"]

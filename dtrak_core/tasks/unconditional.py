@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from torch.func import functional_call
 
+from dtrak_core.io import sha256_bytes, sha256_file
 from dtrak_core.tasks.base import Batch, DiffusionInputs, DiffusionTask, ModelError
 
 
@@ -63,6 +64,17 @@ class UnconditionalPixelTask(DiffusionTask):
         if config.num_class_embeds is not None or config.class_embed_type is not None:
             raise ModelError("the UNet is class-conditional (it has a class embedding) but a DDPMPipeline calls it "
                              "without labels; register a class-conditional task for it")
+
+    @classmethod
+    def files_hash(cls, model_dir: Path) -> str:
+        """The UNet's weights file and config and the scheduler's config (the whole of a
+        DDPMPipeline's model), hashed as they always were: LDS builds and the golden tests
+        record this value."""
+        model_dir = Path(model_dir)
+        parts = [sha256_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors"),
+                 sha256_file(model_dir / "unet" / "config.json"),
+                 sha256_file(model_dir / "scheduler" / "scheduler_config.json")]
+        return sha256_bytes("".join(parts).encode())
 
     def save(self, model_dir: str | Path) -> None:
         DDPMPipeline(unet=self.denoiser, scheduler=self.scheduler).save_pretrained(model_dir, safe_serialization=True)

@@ -330,3 +330,75 @@ def test_preset_sizes_are_what_the_demo_needs():
     assert demo.vae_factor == 4  # 32 px -> 8x8x4 latents
     unet = demo.build_unet(8, seed=0)
     assert sum(p.numel() for p in unet.parameters()) < 5_000_000
+
+
+# -- files hash: what recognises a folder on disk (samples cache, LDS / counterfactual builds) ----
+
+def _flip_last_byte(path: Path) -> bytes:
+    """Change ``path``'s bytes (a JSON file stays valid: one more space); returns the original
+    bytes (to restore them)."""
+    original = path.read_bytes()
+    path.write_bytes(original + b" " if path.suffix == ".json" else original[:-1] + bytes([original[-1] ^ 1]))
+    return original
+
+
+def test_files_hash_of_an_sd_folder_covers_every_component_and_nothing_else(sd_base, tmp_path):
+    import shutil
+
+    from dtrak_core.models import pipeline_files_hash
+
+    base = shutil.copytree(sd_base, tmp_path / "base")
+    reference = pipeline_files_hash(base)
+    assert reference == pipeline_files_hash(sd_base)  # the files, not where they are
+    # beside the components: our bookkeeping, kept checkpoints, a killed writer's staging folder
+    (base / "recipe.json").write_text("{}")
+    (base / "checkpoints" / "step-1").mkdir(parents=True)
+    (base / "checkpoints" / "step-1" / "x.safetensors").write_bytes(b"x")
+    (base / ".pipeline.tmp" / "unet").mkdir(parents=True)
+    (base / ".pipeline.tmp" / "unet" / "config.json").write_text("{}")
+    (base / "unet" / ".config.json.123.tmp").write_text("{}")
+    assert pipeline_files_hash(base) == reference
+    changed = {}
+    for part in ("vae/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/model.safetensors",
+                 "tokenizer/vocab.json", "tokenizer/tokenizer.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", "model_index.json"):
+        original = _flip_last_byte(base / part)
+        changed[part] = pipeline_files_hash(base)
+        (base / part).write_bytes(original)
+    assert pipeline_files_hash(base) == reference
+    assert len(set(changed.values()) | {reference}) == len(changed) + 1, changed
+
+
+def test_files_hash_of_an_adapter_folder_covers_the_adapter_and_its_base(sd_base, sd_lora, tmp_path):
+    import shutil
+
+    from dtrak_core.models import pipeline_files_hash
+
+    base = shutil.copytree(sd_base, tmp_path / "base")
+    adapter = shutil.copytree(sd_lora, tmp_path / "lora")
+    write_base(adapter, base, None)
+    reference = pipeline_files_hash(adapter)
+    assert reference == pipeline_files_hash(sd_lora) != pipeline_files_hash(sd_base)
+    (adapter / "recipe.json").write_text("{}")  # not the adapter
+    assert pipeline_files_hash(adapter) == reference
+    original = _flip_last_byte(adapter / "pytorch_lora_weights.safetensors")
+    only_adapter = pipeline_files_hash(adapter)
+    (adapter / "pytorch_lora_weights.safetensors").write_bytes(original)
+    _flip_last_byte(base / "vae" / "diffusion_pytorch_model.safetensors")
+    only_base_vae = pipeline_files_hash(adapter)
+    assert len({reference, only_adapter, only_base_vae}) == 3
+
+
+def test_files_hash_of_a_ddpm_folder_is_the_value_recorded_so_far(tiny_model_dir):
+    """The UNet weights file and the two configs, as LDS builds and the golden tests record it
+    (a brute-force copy of the formula those values were made with)."""
+    import hashlib
+
+    from dtrak_core.models import pipeline_files_hash
+
+    def sha(rel: str) -> str:
+        return hashlib.sha256((tiny_model_dir / rel).read_bytes()).hexdigest()
+
+    old = hashlib.sha256("".join(sha(rel) for rel in ("unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+                                                      "scheduler/scheduler_config.json")).encode()).hexdigest()
+    assert pipeline_files_hash(tiny_model_dir) == old
