@@ -27,6 +27,12 @@ from dtrak_core.tasks.prediction import PREDICTION_TYPES
 from dtrak_core.training import TrainConfig, held_out_loss, train, untrained_copy
 
 
+def cmd_caption_data(args: argparse.Namespace) -> None:
+    from dtrak_core.datasets.captions import caption_folder
+
+    print(f"wrote {caption_folder(args.data or paths.emoji3_dir(), args.out, args.template)}")
+
+
 def cmd_build_data(args: argparse.Namespace) -> None:
     out = build_emoji3(args.out or paths.emoji3_dir(), size=args.size, limit=args.limit)
     print(f"wrote {out}")
@@ -91,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="keep the first N subjects")
     p.set_defaults(func=cmd_build_data)
+
+    p = sub.add_parser("caption-data", help="a captioned copy of an image folder (a 'text' column from a template)")
+    p.add_argument("--data", default=None, help="image folder (default: the cache's emoji3/)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--template", default="{name}, {artist} style", help="caption from metadata columns")
+    p.set_defaults(func=cmd_caption_data)
 
     p = sub.add_parser("train", help="train (or resume) a DDPM on an image folder")
     for spec in dataclasses.fields(TrainConfig):

@@ -181,6 +181,15 @@ def _read_metadata(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     return metadata, paths
 
 
+def load_metadata(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+    """A folder's metadata (checked as the loader checks it, images not decoded) and each row's
+    confined path: for tools that derive a folder from another (captions)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
+    return _read_metadata(root)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
