@@ -286,7 +286,8 @@ class _PromptSamples(_SampleKind):
         by_prompt: dict[str, list[str]] = {}
         for key in todo:
             by_prompt.setdefault(key.rsplit("/", 1)[0], []).append(key)
-        return [keys[i:i + self.batch_size] for keys in by_prompt.values() for i in range(0, len(keys), self.batch_size)]
+        size = self.batch_size
+        return [keys[i:i + size] for keys in by_prompt.values() for i in range(0, len(keys), size)]
 
     def make(self, batch: list[str]) -> list[list[tuple[str, bytes]]]:
         assert self.task is not None, "load() first"
@@ -307,7 +308,8 @@ class _PromptSamples(_SampleKind):
 
 
 def generate_text_to_image(model_dir: str | Path, prompts: Sequence[str], seeds: Sequence[int],
-                           settings: GuidanceSettings | None = None, out_dir: str | Path | None = None, batch_size: int = 64, progress: bool = True) -> Path:
+                           settings: GuidanceSettings | None = None, out_dir: str | Path | None = None,
+                           batch_size: int = 64, progress: bool = True) -> Path:
     """Generate every prompt with every seed (``tasks.text_to_image.generate_targets``: DDIM,
     eta 0, classifier-free guidance ``settings.guidance_scale``, ``settings.steps``) into
     ``out_dir`` (default: the cache's ``samples/<files hash>/ddim-<steps>-eta0-cfg<g>/``).

@@ -53,7 +53,8 @@ def test_same_prompt_and_seed_give_the_same_png_and_a_target_record_of_it(sd_lor
     # another prompt, another image (the tiny model conditions weakly: far above float rounding, not by much more)
     other = text_sample_key(PROMPTS[1], 1)
     assert not np.array_equal(_pixels(a / f"{key}.png"), _pixels(a / f"{other}.png"))
-    assert float((TextToImageTarget.load(a / key).latents - TextToImageTarget.load(a / other).latents).abs().max()) > 1e-2
+    latents = [TextToImageTarget.load(a / k).latents for k in (key, other)]
+    assert float((latents[0] - latents[1]).abs().max()) > 1e-2
     assert (a / f"{key}.png").read_bytes() != (a / f"{text_sample_key(PROMPTS[0], 0)}.png").read_bytes()
     # the record: the PNG's pixels, the settings, and the latents the image was decoded from
     target = TextToImageTarget.load(a / key)
@@ -117,7 +118,8 @@ def test_the_cache_key_holds_the_model_files_steps_guidance_and_prompt(sd_base, 
 
 def test_prompt_folders_are_readable_safe_and_distinct():
     folder = prompt_folder("grinning face, openmoji style")
-    assert folder.startswith("grinning-face-openmoji-style-") and len(folder) == len("grinning-face-openmoji-style-") + 12
+    words = "grinning-face-openmoji-style-"
+    assert folder.startswith(words) and len(folder) == len(words) + 12
     assert prompt_folder("../../etc/passwd").startswith("etc-passwd-")
     assert len(prompt_folder("!!!")) == 12 and "/" not in prompt_folder("a/b") and "." not in prompt_folder(".")
     assert len(prompt_folder("word " * 50)) <= 40 + 1 + 12
