@@ -19,10 +19,12 @@ from dtrak_core.cli_options import add_field_option
 from dtrak_core.datasets import load_image_folder
 from dtrak_core.datasets.emoji3 import build_emoji3
 from dtrak_core.evaluation import cli as evaluation_cli
-from dtrak_core.generation import SamplerConfig, generate_to_folder, image_grid
+from dtrak_core.generation import (SamplerConfig, generate_text_to_image, generate_to_folder, image_grid,
+                                   text_sample_key)
 from dtrak_core.seeds import parse_seeds
 from dtrak_core.models import UNET_PRESETS
-from dtrak_core.tasks import check_model_folder, load_task
+from dtrak_core.tasks import TextToImageTask, check_model_folder, load_task
+from dtrak_core.tasks.text_to_image import GuidanceSettings
 from dtrak_core.tasks.prediction import PREDICTION_TYPES
 from dtrak_core.training import TrainConfig, held_out_loss, train, untrained_copy
 
@@ -65,14 +67,51 @@ def _dest(spec: dataclasses.Field) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     # Before hashing its files: an unfinished or unsupported model is refused even when its
-    # samples are cached already (generate_to_folder loads the model only for missing seeds).
-    check_model_folder(args.model)
+    # samples are cached already (the writers load the model only for missing samples).
+    # Then each writer refuses a model of the other kind: prompts for a DDPM, none for an SD.
+    task_class = check_model_folder(args.model)
+    prompts = _prompts(args)
+    if prompts:
+        _generate_text_to_image(args, prompts)
+        return
+    if args.guidance is not None and not issubclass(task_class, TextToImageTask):
+        raise ValueError(f"{args.model} holds a {task_class.pipeline_class}, which takes no --guidance (text-to-image "
+                         "models only)")
     sampler = SamplerConfig(kind=args.sampler, steps=args.steps, eta=args.eta)
     out = generate_to_folder(args.model, args.seeds, sampler, args.out, batch_size=args.batch_size)
     print(f"wrote {len(args.seeds)} samples to {out}")
     if args.grid:
         images = [Image.open(out / f"{s}.png") for s in args.seeds]
         image_grid(images, columns=8, scale=args.grid_scale).save(args.grid)
+        print(f"wrote {args.grid}")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` values, then the lines of ``--prompts-file`` (blank lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        lines = [line.strip() for line in Path(args.prompts_file).read_text().splitlines()]
+        if not any(lines):
+            raise ValueError(f"{args.prompts_file} holds no prompt; expected one prompt per line")
+        prompts += [line for line in lines if line]
+    return prompts
+
+
+def _generate_text_to_image(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Every prompt with every seed: PNGs and target records (``generation.generate_text_to_image``)."""
+    if args.sampler != "ddim" or args.eta != 0:
+        raise ValueError("text-to-image samples are generated with DDIM at eta 0 (what their targets record); "
+                         "drop --sampler / --eta")
+    defaults = GuidanceSettings()
+    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    settings = GuidanceSettings(guidance_scale=guidance, steps=args.steps)
+    out = generate_text_to_image(args.model, prompts, args.seeds, settings, args.out, batch_size=args.batch_size)
+    prompts = list(dict.fromkeys(prompts))
+    print(f"wrote {len(prompts) * len(args.seeds)} samples ({len(prompts)} prompts x {len(args.seeds)} seeds) to {out}")
+    if args.grid:
+        images = [Image.open(out / f"{text_sample_key(p, s)}.png") for p in prompts for s in args.seeds]
+        columns = len(args.seeds) if len(prompts) > 1 else 8  # one row per prompt
+        image_grid(images, columns=columns, scale=args.grid_scale).save(args.grid)
         print(f"wrote {args.grid}")
 
 
@@ -109,15 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_field_option(p, TrainConfig, spec.name, *spec.metadata["flags"], **_train_option_kwargs(spec))
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample images with fixed seeds")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("generate", help="sample images with fixed seeds (and prompts, for text-to-image models)")
+    p.add_argument("--model", required=True, help="pipeline folder, or a LoRA adapter folder naming its base")
     p.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-15"))
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image models: a prompt (repeat for several); each is generated with every seed")
+    p.add_argument("--prompts-file", default=None, help="text-to-image models: a file of prompts, one per line")
+    p.add_argument("--guidance", type=float, default=None, help=f"text-to-image models: classifier-free guidance "
+                   f"scale (<= 1: none; default {GuidanceSettings().guidance_scale:g})")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="folder (default: cache/samples/<model hash>/...)")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples here")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples here (a row per prompt)")
     p.add_argument("--grid-scale", type=int, default=2)
     p.set_defaults(func=cmd_generate)
 

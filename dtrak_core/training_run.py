@@ -257,7 +257,8 @@ def check_resume(saved: Mapping[str, Any], new: Mapping[str, Any], steps_done: i
     key = spec.steps_setting
     total = spec.steps_of(new)
     if steps_done > total:
-        limit = f"{key}={new[key]}" if total == int(new[key]) else f"the {total} of {key}={new[key]} and the other stages"
+        limit = (f"{key}={new[key]}" if total == int(new[key])
+                 else f"the {total} of {key}={new[key]} and the other stages")
         raise RunError(f"{out_dir} has done {steps_done} steps already, more than {limit}: rerun with "
                        f"{spec.flag(key)} {saved[key]}, or train into another --out")
     schedule = [k for k in changed if k in spec.schedule_settings]

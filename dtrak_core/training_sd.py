@@ -598,8 +598,9 @@ def _train_sd_steps(run: TrainingRun, resume: Resume, config: SdTrainConfig, dat
         bar.set_postfix(loss=f"{loss_ema:.4f}", stage="vae" if step <= config.vae_steps else "unet")
         if step % config.checkpoint_every == 0 or step == total:
             wall = time.time() - started
-            run.save_state({"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                            "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+            run.save_state({"vae": vae.state_dict(), "unet": unet.state_dict(),
+                            "text_encoder": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                            "ema_text": ema_text.state_dict(),
                             "vae_optimizer": vae_optimizer.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": torch.tensor(step), "wall_seconds": torch.tensor(wall),
                             "losses": _losses_tensor(losses)}, step)

@@ -41,7 +41,7 @@ import torch
 from torch.func import functional_call
 
 from dtrak_core.hashing import state_dict_hash
-from dtrak_core.io import atomic_path, sha256_file, sha256_json, write_json_atomic
+from dtrak_core.io import sha256_bytes, sha256_file, sha256_json, write_bytes_atomic
 from dtrak_core.tasks.base import Batch, DiffusionInputs, DiffusionTask, ModelError
 
 if TYPE_CHECKING:  # heavy imports only where used: loading dtrak_core.tasks stays fast
@@ -361,19 +361,25 @@ class TextToImageTarget:
         return {"prompt": self.prompt, "kind": self.kind, "model_hash": self.model_hash, "seed": self.seed,
                 "guidance_scale": self.guidance_scale, "steps": self.steps}
 
-    def save(self, folder: str | Path) -> Path:
-        """``target.safetensors`` (latents, prompt embedding, image) then ``target.json`` (the
-        settings and the tensors file's sha256), written last: a folder with the JSON is complete."""
-        from safetensors.torch import save_file
+    def files(self) -> list[tuple[str, bytes]]:
+        """The record's files as (name, bytes), in writing order: ``target.safetensors`` (latents,
+        prompt embedding, image), then ``target.json`` (the settings and the tensors' sha256),
+        which marks the record complete. Deterministic: the same target gives the same bytes."""
+        from safetensors.torch import save
 
+        tensors = save({"latents": self.latents.detach().cpu().float().contiguous(),
+                        "prompt_embedding": self.prompt_embedding.detach().cpu().float().contiguous(),
+                        "image": torch.from_numpy(np.ascontiguousarray(self.image))})
+        info = {**self.info(), "tensors_sha256": sha256_bytes(tensors)}
+        # write_json_atomic's format, so a record read back and saved again is the same file
+        return [(TARGET_TENSORS, tensors), (TARGET_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write :meth:`files` into ``folder``, each atomically, ``target.json`` last: a folder
+        with the JSON is complete."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"latents": self.latents.detach().cpu().float().contiguous(),
-                   "prompt_embedding": self.prompt_embedding.detach().cpu().float().contiguous(),
-                   "image": torch.from_numpy(np.ascontiguousarray(self.image))}
-        with atomic_path(folder / TARGET_TENSORS) as tmp:
-            save_file(tensors, str(tmp))
-        write_json_atomic(folder / TARGET_JSON, {**self.info(), "tensors_sha256": sha256_file(folder / TARGET_TENSORS)})
+        for name, data in self.files():
+            write_bytes_atomic(folder / name, data)
         return folder
 
     @classmethod
@@ -403,15 +409,27 @@ def generate_target(task: TextToImageTask, prompt: str, seed: int,
     """Generate the image of (prompt, seed, guidance scale, steps) with DDIM (eta 0) and keep its
     latents and prompt embedding. The initial noise is ``torch.Generator().manual_seed(seed)``'s
     (1, *input_shape) draw, as ``generation.sample`` and diffusers' pipeline draw it on the CPU."""
+    return generate_targets(task, prompt, [seed], settings)[0]
+
+
+@torch.no_grad()
+def generate_targets(task: TextToImageTask, prompt: str, seeds: Sequence[int],
+                     settings: GuidanceSettings = GuidanceSettings()) -> list[TextToImageTarget]:
+    """:func:`generate_target` for several seeds of one prompt, sampled as one batch (each seed's
+    initial noise is its own generator's draw, so its image does not depend on the others but
+    for float rounding). A prompt longer than the tokenizer allows is a :class:`PromptError`."""
     from dtrak_core.generation import SamplerConfig, sample_latents
 
     condition = task.encode_prompts([prompt])
     uncond = task.encode_prompts([""])
     guided = _Guided(task, uncond, float(settings.guidance_scale))
-    latents = sample_latents(guided, [int(seed)], SamplerConfig("ddim", settings.steps, 0.0), condition)
-    image = _to_uint8(task.to_images(latents.to(task.device)))[0]
-    return TextToImageTarget(prompt, latents[0].cpu(), condition[0].cpu(), image, "generated", task.content_hash(),
-                             int(seed), float(settings.guidance_scale), int(settings.steps))
+    latents = sample_latents(guided, [int(s) for s in seeds], SamplerConfig("ddim", settings.steps, 0.0),
+                             condition.expand(len(seeds), -1, -1))
+    images = _to_uint8(task.to_images(latents.to(task.device)))
+    model_hash = task.content_hash()
+    return [TextToImageTarget(prompt, latents[i].cpu(), condition[0].cpu(), images[i], "generated", model_hash,
+                              int(seed), float(settings.guidance_scale), int(settings.steps))
+            for i, seed in enumerate(seeds)]
 
 
 @torch.no_grad()
@@ -434,5 +452,5 @@ def target_features(featurizer, targets: Sequence[TextToImageTarget], first_id: 
 
 
 __all__ = ["TextToImageTask", "TextToImageTarget", "GuidanceSettings", "PromptError", "CAPTION_COLUMN",
-           "dataset_captions", "generate_target", "target_from_image", "target_features",
+           "dataset_captions", "generate_target", "generate_targets", "target_from_image", "target_features",
            "tokenizer_hash"]

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import dtrak_core.training_run as training_run
+import dtrak_core.training_sd as training_sd
 from dtrak_core.lora import BASE_FILE, DIFFUSERS_WEIGHTS
 from dtrak_core.tasks import ModelError, load_task
-from dtrak_core.training_sd import SdTrainConfig, build_caption_tokenizer, train_lora, train_sd
 from dtrak_core.training_run import RunError
-import dtrak_core.training_sd as training_sd
+from dtrak_core.training_sd import SdTrainConfig, build_caption_tokenizer, train_lora, train_sd
 from tests.reliability.harness import KILLED, run_cli, snapshot
 from tests.sd.conftest import caption, lora_config
 
@@ -64,7 +64,8 @@ def test_train_lora_killed_at_every_write_point_resumes_to_the_uninterrupted_run
     out = tmp_path / "lora"
     config = lora_config(sd_base, sd_data, out, rank=2, steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2,
                          learning_rate=1e-2, caption_dropout=0.3, keep_checkpoints=True)  # = lora_args
-    reference = shutil.move(train_lora(config, progress=False), tmp_path / "reference")  # the killed runs write to the same path
+    # the killed runs write to the same path (out_dir is in the recipe)
+    reference = shutil.move(train_lora(config, progress=False), tmp_path / "reference")
     chain = [
         # The last state save (step 4): its temporary file is left, the state stays at step 2
         # (the step-4 checkpoint was renamed before it: the rerun removes it).
@@ -93,8 +94,9 @@ def test_train_lora_killed_at_every_write_point_resumes_to_the_uninterrupted_run
     # each kept checkpoint is an adapter folder of its own (for TracIn); the last one is the final adapter
     last = out / "checkpoints" / "step-0000004"
     assert (last / DIFFUSERS_WEIGHTS).read_bytes() == (out / DIFFUSERS_WEIGHTS).read_bytes()
-    assert (out / "checkpoints" / "step-0000002" / DIFFUSERS_WEIGHTS).read_bytes() != (last / DIFFUSERS_WEIGHTS).read_bytes()
-    assert load_task(out / "checkpoints" / "step-0000002").has_adapter
+    first = out / "checkpoints" / "step-0000002"
+    assert (first / DIFFUSERS_WEIGHTS).read_bytes() != (last / DIFFUSERS_WEIGHTS).read_bytes()
+    assert load_task(first).has_adapter
     # a finished run is returned at once, and changed weights are refused at load
     assert train_lora(config, progress=False) == out
     _assert_same_run(out, reference)
