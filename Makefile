@@ -8,7 +8,7 @@ PORT ?= 8501
 DATA := cache/emoji3/metadata.csv
 DATA16 := cache/emoji3-16/metadata.csv
 
-.PHONY: install data check-host run test demo-model mini-model clean
+.PHONY: install data check-host run test demo-model mini-model sd-demo-model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,20 @@ mini-model: install data
 	$(PY) -m dtrak_core train --data cache/emoji3-16 --out models/emoji3-mini --preset mini --image-size 16 \
 	  --filter-column category --filter-values "Smileys & Emotion" --steps 800 --warmup-steps 80 \
 	  --lr 1e-3 --batch-size 32 --checkpoint-every 200 --keep-checkpoints
+
+# The text-to-image demo (docs/training.md): a small Stable Diffusion trained on emoji3 without
+# "Travel & Places", then a LoRA on "Travel & Places" (all three artists), captions "<name>, <artist> style".
+SD_BASE_CATEGORIES := "Activities" "Animals & Nature" "Food & Drink" "Objects" "People & Body" "Smileys & Emotion" "Symbols"
+CAPTIONS := cache/emoji3-captions/metadata.csv
+
+$(CAPTIONS): | $(DATA)
+	$(PY) -m dtrak_core caption-data --data cache/emoji3 --out cache/emoji3-captions --template "{name}, {artist} style"
+
+sd-demo-model: install data $(CAPTIONS)
+	$(PY) -m dtrak_core train-sd --data cache/emoji3-captions --out models/emoji3-sd --preset demo \
+	  --filter-column category --filter-values $(SD_BASE_CATEGORIES) --vae-steps 2000 --steps 10000 --checkpoint-every 500
+	$(PY) -m dtrak_core train-lora --base models/emoji3-sd --data cache/emoji3-captions --out models/emoji3-sd-travel \
+	  --filter-column category --filter-values "Travel & Places" --steps 1500 --checkpoint-every 250 --keep-checkpoints
 
 clean:
 	rm -rf $(VENV) cache/emoji3 cache/samples
