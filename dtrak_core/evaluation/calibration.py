@@ -40,6 +40,8 @@ import numpy as np
 from dtrak_core import paths
 from dtrak_core.attribution.feature_store import FeatureSet
 from dtrak_core.attribution.scorers import KernelScorer
+from dtrak_core.evaluation.lds.config import read_build
+from dtrak_core.evaluation.lds.scores import read_results
 from dtrak_core.io import sha256_json, write_json_atomic
 
 #: Half-decades 1e-2 .. 1e6: the lambdas the criterion chooses from.
@@ -133,11 +135,10 @@ def lds_tuned_lambda(files_hash: str, entry_name: str, builds_root: str | Path |
     model whose files hash is ``files_hash``; None when no build of that model has one."""
     root = Path(builds_root) if builds_root is not None else paths.REPO_ROOT / "benchmarks" / "lds"
     for build in sorted(root.glob("*/lds.json")):
-        try:
-            if json.loads(build.read_text()).get("model_hash") != files_hash:
+        try:  # verified reads: a damaged build or result is skipped, never trusted
+            if read_build(build.parent).get("model_hash") != files_hash:
                 continue
-            results = json.loads((build.parent / "results" / "lds.json").read_text())
-            lam = results["entries"][entry_name]["kinds"]["validation"]["lambda"]
+            lam = read_results(build.parent)["entries"][entry_name]["kinds"]["validation"]["lambda"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if lam is None:

@@ -10,6 +10,7 @@ import pytest
 from dtrak_core.attribution.feature_store import FeatureSet
 from dtrak_core.attribution.scorers import KernelScorer
 from dtrak_core.evaluation import calibration as cal
+from dtrak_core.io import write_json_atomic
 
 
 def features(n=30, k=12, seed=0) -> np.ndarray:
@@ -68,8 +69,10 @@ def test_the_self_retrieval_calibration_is_cached_and_a_tampered_cache_is_recomp
 def write_build(root: Path, model_hash: str, entries: dict) -> None:
     build = root / "lds" / "m"
     (build / "results").mkdir(parents=True)
-    (build / "lds.json").write_text(json.dumps({"model_hash": model_hash}))
-    (build / "results" / "lds.json").write_text(json.dumps({"entries": entries}))
+    # Written as the build writes its records (canonical JSON): read back verified.
+    write_json_atomic(build / "lds.json", {"model_hash": model_hash})
+    write_json_atomic(build / "results" / "lds.json", {"entries": entries})
+    np.savez(build / "results" / "predictions.npz")  # a build from before checksums: its files must exist
 
 
 def test_an_lds_build_of_the_same_model_wins_and_other_models_or_settings_fall_back(tmp_path):
