@@ -100,7 +100,7 @@ class Scratch:
 
     def fresh(self, name: str) -> Path:
         self._count += 1
-        folder = self.root / f"{self._count:02d}-{name}"
+        folder = self.root / f"{self._count:03d}-{name}"
         folder.mkdir()
         return folder
 
@@ -118,7 +118,7 @@ class Scratch:
         """Paths as a reader sees them: the scratch root as ``<tmp>``, the repository as ``.``."""
         text = text.replace(str(self.root), "<tmp>").replace(str(REPO), ".")
         text = re.sub(r"\b[0-9a-f]{16,64}\b", "<hash>", text)  # content hashes: they name, they do not inform
-        return re.sub(r"<tmp>/\d\d-", "<tmp>/", text)
+        return re.sub(r"<tmp>/\d{3}-", "<tmp>/", text)
 
 
 FAST = ["-K", "2", "-k", "32", "--batch-size", "4", "--no-progress"]
@@ -746,6 +746,66 @@ def _(w: Scratch) -> Outcome:
     shown = re.sub(r"pixel L2 [\d.]+, SSIM [-\d.]+", "pixel L2 ..., SSIM ...", w.show(said[0]))
     return Outcome(command, shown + " (recomputed: without '(stored)')",
                    "nothing: the experiment is redone, never served")
+
+
+# -- text-to-image models -------------------------------------------------------------------------
+
+def tiny_sd(w: Scratch) -> tuple[Path, Path]:
+    """A tiny Stable Diffusion trained here (once per table) and its captioned folder."""
+    if getattr(w, "_sd", None) is None:
+        from tests.sd.conftest import write_captioned_folder
+        from dtrak_core.training_sd import SdTrainConfig, train_sd
+
+        data = write_captioned_folder(w.root / "sd-data")
+        model = train_sd(SdTrainConfig(data_dir=str(data), out_dir=str(w.root / "sd"), preset="tiny", image_size=16,
+                                       vae_steps=2, steps=4, batch_size=4, warmup_steps=2, checkpoint_every=4,
+                                       max_length=12), progress=False)
+        w._sd = (model, data)
+    return w._sd
+
+
+@case("text-to-image", "featurize a text-to-image model on images without captions")
+def _(w: Scratch) -> Outcome:
+    from tests.sd.conftest import write_captioned_folder
+
+    model, _ = tiny_sd(w)
+    data, cache = write_captioned_folder(w.fresh("plain") / "data", text=False), w.fresh("cache") / "c"
+    return refused(w, featurize_argv(model, data, cache), "has no 'text' caption column", untouched=[data],
+                   absent=[cache])
+
+
+@case("text-to-image", "a prompt longer than the tokenizer allows")
+def _(w: Scratch) -> Outcome:
+    model, _ = tiny_sd(w)
+    out = w.fresh("samples") / "out"
+    return refused(w, ["generate", "--model", model, "--prompt", " ".join(["red square"] * 8), "--seeds", "0",
+                       "--steps", "2", "--out", out], "tokens long but the tokenizer takes at most", absent=[out])
+
+
+@case("text-to-image", "a prompt given to an unconditional model")
+def _(w: Scratch) -> Outcome:
+    out = w.fresh("samples") / "out"
+    return refused(w, ["generate", "--model", w.model, "--prompt", "a cat", "--seeds", "0", "--out", out], "prompt",
+                   absent=[out])
+
+
+@case("text-to-image", "a LoRA that does not fit the UNet")
+def _(w: Scratch) -> Outcome:
+    from peft import LoraConfig
+
+    from dtrak_core.lora import save_adapter, write_base
+    from dtrak_core.tasks import load_task
+
+    model, data = tiny_sd(w)
+    bad = w.fresh("lora") / "adapter"
+    unet = load_task(model).denoiser
+    config = dict(unet.config)
+    config["block_out_channels"] = [c * 2 for c in config["block_out_channels"]]  # another UNet's shapes
+    other = type(unet).from_config(config)
+    other.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]))
+    save_adapter(other, bad)
+    write_base(bad, model, None)
+    return refused(w, featurize_argv(bad, data, w.fresh("cache") / "c"), "does not fit the UNet", untouched=[bad])
 
 
 # -- the table -------------------------------------------------------------------------------------
