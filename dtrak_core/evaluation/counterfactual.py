@@ -102,7 +102,8 @@ class CounterfactualConfig:
         "help": "the target's prompt (text-to-image models; several allowed: each with each seed)"})
     #: Classifier-free guidance of the target (text-to-image); None: ``GuidanceSettings``' default.
     guidance_scale: float | None = field(default=None, metadata={
-        "help": f"classifier-free guidance scale of a text-to-image target (default {GuidanceSettings.guidance_scale})"})
+        "help": "classifier-free guidance scale of a text-to-image target "
+                f"(default {GuidanceSettings.guidance_scale})"})
     label_column: str = "artist"
     results_dir: str = "benchmarks/counterfactual"
     models_dir: str | None = None  # default: the cache's counterfactual/models/ (see ``models_root``)
@@ -233,7 +234,9 @@ def experiment_lock_path(config: CounterfactualConfig) -> Path:
 def result_path(config: CounterfactualConfig) -> Path:
     """Where the record of ``config`` is stored: ``<results_dir>/seed-<seed>/<tag>.json``; for a
     text-to-image target ``<results_dir>/<prompt folder>/seed-<seed>/<tag>.json``."""
-    root = Path(config.results_dir) if config.prompt is None else Path(config.results_dir) / prompt_folder(config.prompt)
+    root = Path(config.results_dir)
+    if config.prompt is not None:
+        root = root / prompt_folder(config.prompt)
     return root / f"seed-{config.target_seed}" / f"{config.tag}.json"
 
 
@@ -325,6 +328,8 @@ def counterfactual_experiment(config: CounterfactualConfig, progress: bool = Tru
     model = load_model(config.model_dir)
     train = load_training_set(model, label_column=config.label_column)
     config.check_family(model.task.captions_for(train) is not None)
+    if config.prompt is not None:
+        model.task.token_ids([config.prompt])  # a PromptError (one line) for a prompt too long, before any write
     read_retrain_recipe(config.model_dir)  # a trainer we can replay (a LoRA: on its unchanged base)
     if not config.method.startswith("artist:"):
         config = replace(config, k=resolve_k(config.k, len(train)))

@@ -69,7 +69,8 @@ def test_lds_build_retrains_the_lora_and_attribute_and_score_give_finite_lds(lor
     from dtrak_core.evaluation.lds.build import build_lds
     from dtrak_core.evaluation.lds.measure import measure_losses
     from dtrak_core.evaluation.lds.outputs import read_output
-    from dtrak_core.evaluation.lds.scores import GridEntry, compute_scores, evaluate, load_scores
+    from dtrak_core.evaluation.lds.report import write_report
+    from dtrak_core.evaluation.lds.scores import compute_scores, evaluate, get_entry, load_scores
     from dtrak_core.evaluation.lds.targets import Targets
     from dtrak_core.evaluation.subsets import SubsetPlan
     from dtrak_core.models import pipeline_files_hash
@@ -126,10 +127,7 @@ def test_lds_build_retrains_the_lora_and_attribute_and_score_give_finite_lds(lor
 
     # lds attribute / lds score: every entry (D-TRAK, TRAK, TracIn over the kept adapter
     # checkpoints, the ensemble, pixel, random) gives a finite LDS for both kinds of target.
-    entries = [GridEntry("dtrak-K10", "D-TRAK", "dtrak", 10), GridEntry("trak-K10", "TRAK", "trak", 10),
-               GridEntry("tracin-K10", "TracIn", "tracin", 10, None, "checkpoints"),
-               GridEntry("ensemble-K10", "ensemble", "dtrak", 10, None, "ensemble"),
-               GridEntry("pixel", "pixel", "pixel", None), GridEntry("random", "random", "random", None)]
+    entries = [get_entry(name) for name in ("dtrak-K10", "trak-K10", "tracin-K10", "ensemble-K10", "pixel", "random")]
     features = tmp_path / "features"
     lambdas = [0.1, 10.0]
     status = compute_scores(out, entries, lambdas, projection_dim=32, feature_root=features, progress=False)
@@ -139,6 +137,8 @@ def test_lds_build_retrains_the_lora_and_attribute_and_score_give_finite_lds(lor
         for kind in ("validation", "generated"):
             record = results["entries"][entry.name]["kinds"][kind]
             assert record["status"] == "measured" and np.isfinite(record["mean"]), (entry.name, kind)
+    report = write_report(out, tmp_path / "lds.md", "python -m dtrak_core lds score").read_text()
+    assert all(f"| {entry.label} |" in report for entry in entries)
 
     # The stored D-TRAK scores are the targets attributed with their own captions.
     model = load_model(lora)
@@ -176,6 +176,7 @@ def test_a_counterfactual_on_a_lora_retrains_without_the_removed_images_and_keep
     from dtrak_core.attribution.methods import score_targets
     from dtrak_core.evaluation.counterfactual import (CounterfactualConfig, generate_one, load_results,
                                                       run_counterfactual, top_k_proponents)
+    from dtrak_core.evaluation.counterfactual import write_report as write_counterfactual_report
     from dtrak_core.generation import prompt_folder
     from dtrak_core.tasks import load_task
     from dtrak_core.tasks.text_to_image import GuidanceSettings, generate_target
@@ -218,10 +219,13 @@ def test_a_counterfactual_on_a_lora_retrains_without_the_removed_images_and_keep
     # A rerun reads the stored record back; the results folder lists it with its prompt.
     assert run_counterfactual(config, progress=False)["record_sha256"] == record["record_sha256"]
     assert [r["prompt"] for r in load_results(tmp_path / "results")] == [prompt]
+    report = write_counterfactual_report(tmp_path / "results", tmp_path / "cf.md", "cmd").read_text()
+    assert "| dtrak (k=2) | 1 |" in report
 
 
 def test_prompts_are_refused_for_the_wrong_family_in_one_line(lora_setup, tiny_model_dir, tmp_path, capsys):
     from dtrak_core.cli import main
+    from dtrak_core.generation import prompt_folder
 
     lora, _, _ = lora_setup
     models = str(tmp_path / "models")
@@ -235,6 +239,18 @@ def test_prompts_are_refused_for_the_wrong_family_in_one_line(lora_setup, tiny_m
     assert err == (f"error: {tiny_model_dir} is an unconditional model, which takes no prompt; run the "
                    "counterfactual without --prompt and --guidance\n")
     assert not (tmp_path / "r").exists() and not (tmp_path / "models").exists()
+    long = " ".join(["red square"] * 8)
+    assert main(["counterfactual", "--model", str(lora), "--target-seed", "1", "--prompt", long, "--method", "random",
+                 "--k", "2", "--models-dir", models, "--results", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: prompt {long!r} is ") and err.endswith(
+        "tokens long but the tokenizer takes at most 12 (with its start and end tokens); shorten it\n")
+    assert not (tmp_path / "r" / prompt_folder(long)).exists() and not (tmp_path / "models").exists()
+    assert main(["lds", "build", "--model", str(tiny_model_dir), "--out", str(tmp_path / "build"), "--guidance", "3",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: --guidance 3.0 is for text-to-image models; {tiny_model_dir} is an "
+                                       "unconditional model (its generated targets take no prompt)\n")
+    assert not (tmp_path / "build").exists()
 
 
 def test_a_lora_whose_base_changed_and_a_train_sd_model_are_refused_in_one_line(lora_setup, sd_base, tmp_path,

@@ -203,14 +203,14 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
     config.validate(num_train_timesteps)
     timesteps = measure_timesteps(config.measure_timesteps, num_train_timesteps)
     recipe = read_retrain_recipe(config.model_dir)  # a trainer we can replay (a LoRA: on its unchanged base)
-    out = Path(config.out_dir)
-    ensure_writable(out, 0, "LDS build")
-    ensure_writable(config.work, 0, "LDS retrained models")
-    full_hash = pipeline_files_hash(config.model_dir)
     train_set = load_training_set(full_model, label_column=config.stratify_column)
     labels = train_set.labels or ["all"] * len(train_set)
     source = TargetSource.of(full_model, train_set)
     config = config.for_model(source.captioned, config.model_dir)  # a text-to-image model's guidance scale
+    out = Path(config.out_dir)
+    ensure_writable(out, 0, "LDS build")
+    ensure_writable(config.work, 0, "LDS retrained models")
+    full_hash = pipeline_files_hash(config.model_dir)
     # One worker at a time reads, grows and writes the build file, the targets and the subsets.
     with hold_lock(config.work / "build.lock"):
         out.mkdir(parents=True, exist_ok=True)

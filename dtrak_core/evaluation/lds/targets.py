@@ -131,7 +131,8 @@ class Targets:
                              f"kinds, {len(meta['names'])} names, {len(groups)} groups"
                              + (f", {len(captions)} captions" if captions is not None else "")
                              + " (written while being read? run again)")
-        return cls(images, kinds, list(meta["names"]), list(groups), None if captions is None else list(captions)), whole
+        captions = None if captions is None else list(captions)
+        return cls(images, kinds, list(meta["names"]), list(groups), captions), whole
 
 
 def stored_target_count(folder: Path) -> int:
@@ -183,7 +184,8 @@ def _captions(data: ImageFolderDataset, source: TargetSource) -> list[str] | Non
     return dataset_captions(data) if source.captioned else None
 
 
-def _generated_images(config: LdsBuildConfig, source: TargetSource, progress: bool) -> tuple[np.ndarray, list[str] | None]:
+def _generated_images(config: LdsBuildConfig, source: TargetSource,
+                      progress: bool) -> tuple[np.ndarray, list[str] | None]:
     """Images (S, H, W, 3) the full model generates from ``generated_seeds``, and their prompts
     (None for an unconditional model: DDIM samples through the samples folder ``work/generated``)."""
     seeds = [int(s) for s in config.generated_seeds]
