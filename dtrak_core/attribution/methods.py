@@ -31,7 +31,7 @@ from dtrak_core.attribution.loading import LoadedModel, check_dataset_fits
 from dtrak_core.attribution.scorers import SCORERS, Scorer, ScoreInputs
 from dtrak_core.conventions import DEFAULT_LAMBDA, target_ids, uint8_to_model_range
 from dtrak_core.datasets.imagefolder import ImageFolderDataset
-from dtrak_core.io import sha256_array
+from dtrak_core.io import sha256_array, sha256_json
 from dtrak_core.plugins import Registry
 
 
@@ -198,7 +198,7 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
                   targets: np.ndarray, settings: FeatureSettings | None = None,
                   lambdas: Sequence[float] = (DEFAULT_LAMBDA,), root: str | Path | None = None,
                   progress: bool = False, compute_missing: bool = True, seed: int = 0,
-                  cache: MethodCache | None = None) -> dict[float, np.ndarray]:
+                  cache: MethodCache | None = None, captions: Sequence[str] | None = None) -> dict[float, np.ndarray]:
     """Scores of every training image for every target, one float32 matrix (m, n) per lambda.
 
     Args:
@@ -216,6 +216,10 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
             :class:`FeaturesNotReady` instead.
         seed: seed of the random baseline.
         cache: featurizers and kernels to reuse between calls.
+        captions: one per target for a text-to-image model: each target's features are computed
+            with its own caption as the condition (the same condition its output is measured
+            with), and the captions enter the target features' cache key; None for an
+            unconditional model (rules that read no gradients ignore them).
     """
     method = get_method(method) if isinstance(method, str) else method
     rule = method.rule()
@@ -225,6 +229,11 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
     if not lambdas:
         raise ValueError(f"method {method.label} needs at least one lambda")
     targets = _as_uint8_images(targets)
+    if captions is not None:
+        captions = [str(c) for c in captions]
+        if len(captions) != len(targets):
+            raise ValueError(f"{len(captions)} captions for {len(targets)} target images; expected one caption per "
+                             "target")
     for model in models:
         check_dataset_fits(train, model)
     if targets.shape[1:3] != train.images.shape[1:3]:
@@ -236,14 +245,17 @@ def score_targets(method: str | Method, models: Sequence[LoadedModel], train: Im
     settings = settings or method.feature_settings(FeatureSettings())
     cache = cache or MethodCache()
     target_tensor = uint8_to_model_range(targets)
-    target_hash = sha256_array(targets)
+    # The captions are part of what is featurized (the condition): a target's cache key holds them.
+    target_hash = sha256_array(targets) if captions is None else sha256_json(
+        {"images": sha256_array(targets), "captions": captions})
     target_features: list[np.ndarray] = []
     train_sets: list[FeatureSet] = []
     for model in models:
         train_sets.append(train_features(model, train, settings, root, progress, compute_missing, cache))
         featurizer = cache.featurizer(model, settings)
         g = compute_features(featurizer, target_tensor, target_hash, target_ids(len(targets)), root,
-                             model.state_dict_hash, model.scheduler_config_hash, progress, description="targets")
+                             model.state_dict_hash, model.scheduler_config_hash, progress, description="targets",
+                             captions=captions)
         target_features.append(np.asarray(g.features))
     inputs = ScoreInputs(targets, train.images, tuple(target_features), tuple(phi.features for phi in train_sets),
                          kernels=lambda index: cache.kernel(train_sets[index]), seed=seed)

@@ -26,13 +26,14 @@ from dtrak_core.evaluation.lds.report import write_report as write_lds_report
 from dtrak_core.evaluation.lds.scores import (DEFAULT_BATCH_SIZE, DEFAULT_GRID, DEFAULT_LAMBDAS, compute_scores,
                                               evaluate, evaluate_matrix, get_entry, load_scores)
 from dtrak_core.evaluation.metrics import DEFAULT_NUM_BOOTSTRAP
-from dtrak_core.evaluation.retrain import STEPS_RULES, retrain_bytes
+from dtrak_core.evaluation.retrain import STEPS_RULES, read_retrain_recipe, retrain_bytes
 from dtrak_core.io import ensure_writable
 from dtrak_core.models import ModelError, pipeline_files_hash
 from dtrak_core.paths import MINI_MODEL_DIR, REPO_ROOT
 from dtrak_core.progress import progress_bar
 from dtrak_core.seeds import format_seeds, parse_seeds
-from dtrak_core.training import read_recipe_config
+from dtrak_core.tasks import task_class_for
+from dtrak_core.tasks.text_to_image import TextToImageTask
 
 DEFAULT_LDS_OUT = REPO_ROOT / "benchmarks" / "lds" / "emoji3-mini"
 DEFAULT_LDS_REPORT = REPO_ROOT / "docs" / "benchmarks" / "lds.md"
@@ -87,6 +88,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     build_option("generated_seeds", "--generated-seeds", type=parse_seeds)
     build_option("max_validation", "--max-validation", type=int)
     build_option("extra_validation", "--extra-validation", action="append", metavar="COLUMN=VALUE")
+    build_option("guidance_scale", "--guidance", type=float)
     build_option("ensemble_seeds", "--ensemble-seeds", type=parse_seeds)
     build_option("keep_models", "--keep-models", action="store_true")
     build_option("work_dir", "--work-dir", type=Path)
@@ -135,6 +137,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     counterfactual_option("projection_dim", "-k", "--projection-dim", type=int)
     counterfactual_option("steps_rule", "--steps-rule", choices=STEPS_RULES)
     counterfactual_option("random_seed", "--random-seed", type=int)
+    counterfactual_option("prompt", "--prompt", action="append", default=None)
+    counterfactual_option("guidance_scale", "--guidance", type=float)
     c.add_argument("--results", type=Path, default=None,
                    help="results folder (default benchmarks/counterfactual/<model folder name>)")
     c.add_argument("--models-dir", type=Path, default=None, help="retrained models (default cache/counterfactual)")
@@ -181,7 +185,7 @@ def _lds_build(args: argparse.Namespace) -> int:
         stratify_column=args.stratify_column, steps_rule=args.steps_rule, measure_timesteps=args.measure_timesteps,
         measure_noise=args.measure_noise, generated_seeds=args.generated_seeds, max_validation=args.max_validation,
         ensemble_seeds=args.ensemble_seeds, extra_validation=args.extra_validation, keep_models=args.keep_models,
-        work_dir=str(args.work_dir) if args.work_dir else None)
+        work_dir=str(args.work_dir) if args.work_dir else None, guidance_scale=args.guidance)
     if args.max_models is not None and args.max_models < 0:
         raise ValueError(f"--max-models {args.max_models} must be >= 0")
     result = build_lds(config, progress=not args.no_progress, max_models=args.max_models)
@@ -238,19 +242,23 @@ def _counterfactual(args: argparse.Namespace) -> int:
     results = args.results or REPO_ROOT / "benchmarks" / "counterfactual" / Path(args.model).resolve().name
     # k resolved here (default 20% of the recipe's training images) so that the experiment
     # names, and the locks workers share, do not depend on how k was given.
-    num_train = read_recipe_config(args.model)["num_train_images"]
+    num_train = read_retrain_recipe(args.model)["num_train_images"]
+    text = issubclass(task_class_for(args.model), TextToImageTask)
     configs = []
-    for seed in args.target_seed:
-        for method in args.method:
-            k = None if method.startswith("artist:") else resolve_k(args.k, num_train)
-            config = CounterfactualConfig(model_dir=str(args.model), target_seed=seed, method=method, k=k,
-                                          lam=args.lam, num_timesteps=args.num_timesteps,
-                                          projection_dim=args.projection_dim, steps_rule=args.steps_rule,
-                                          random_seed=args.random_seed, results_dir=str(results))
-            if args.models_dir:
-                config.models_dir = str(args.models_dir)
-            config.validate()  # every input checked before the first retrain
-            configs.append(config)
+    for prompt in args.prompt or [None]:  # a text-to-image model: every prompt with every seed
+        for seed in args.target_seed:
+            for method in args.method:
+                k = None if method.startswith("artist:") else resolve_k(args.k, num_train)
+                config = CounterfactualConfig(model_dir=str(args.model), target_seed=seed, method=method, k=k,
+                                              lam=args.lam, num_timesteps=args.num_timesteps,
+                                              projection_dim=args.projection_dim, steps_rule=args.steps_rule,
+                                              random_seed=args.random_seed, results_dir=str(results),
+                                              prompt=prompt, guidance_scale=args.guidance)
+                if args.models_dir:
+                    config.models_dir = str(args.models_dir)
+                config.validate()  # every input checked before the first retrain
+                config.check_family(text)
+                configs.append(config)
     # Before the first retrain: room for the results and the retrained models still to do.
     full_hash = pipeline_files_hash(args.model)
     pending = [config for config in configs if stored_result(config, num_train, full_hash) is None]
@@ -269,13 +277,16 @@ def _counterfactual(args: argparse.Namespace) -> int:
         # worker that locks it first; the others go on to the next one.
         outcome = counterfactual_experiment(config, progress=not args.no_progress, embedder=embedder, wait=False)
         if outcome.status == "busy":
-            bar.write(f"seed {config.target_seed} {config.tag}: another worker is running it; skipped")
+            target = f"seed {config.target_seed}" if config.prompt is None else \
+                f"{config.prompt!r} seed {config.target_seed}"
+            bar.write(f"{target} {config.tag}: another worker is running it; skipped")
             bar.update(1)
             continue
         r = outcome.record
         cosine = f", embedding cos {r['embedding_cosine']:.3f}" if embedder is not None else ""
         stored = " (stored)" if outcome.status == "stored" else ""
-        bar.write(f"seed {r['target_seed']} {r['tag']}{stored}: removed {r['k']} ({r['removed_by_artist']}), "
+        target = f"{r['prompt']!r} seed {r['target_seed']}" if "prompt" in r else f"seed {r['target_seed']}"
+        bar.write(f"{target} {r['tag']}{stored}: removed {r['k']} ({r['removed_by_artist']}), "
                   f"pixel L2 {r['pixel_l2']:.3f}, SSIM {r['ssim']:.3f}{cosine}")
         bar.update(1)
     bar.close()
@@ -283,6 +294,8 @@ def _counterfactual(args: argparse.Namespace) -> int:
     if report:
         command = (f"python -m dtrak_core counterfactual --model {shlex.quote(str(args.model))} --target-seed "
                    f"{format_seeds(args.target_seed)} --method {' '.join(map(shlex.quote, args.method))}"
+                   + "".join(f" --prompt {shlex.quote(p)}" for p in args.prompt or [])
+                   + (f" --guidance {args.guidance:g}" if args.guidance is not None else "")
                    + (f" --k {args.k}" if args.k else "")
                    + (f" --embedding-model {shlex.quote(str(args.embedding_model))}" if args.embedding_model else "")
                    + f" --report {shlex.quote(str(_repo_relative(report)))}")

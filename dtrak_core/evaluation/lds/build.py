@@ -35,14 +35,14 @@ from dtrak_core.evaluation.lds.config import (BUILD_FILE, OUTPUTS_DIR, RUNS_DIR,
 from dtrak_core.evaluation.lds.measure import measure_new_targets, measure_timesteps
 from dtrak_core.evaluation.lds.outputs import (output_is_complete, output_path, previous_output, with_timings,
                                                write_output)
-from dtrak_core.evaluation.lds.targets import Targets, ensure_targets, stored_target_count
-from dtrak_core.evaluation.retrain import full_data_train_config, retrain, retrain_bytes, subset_train_config
+from dtrak_core.evaluation.lds.targets import TargetSource, Targets, ensure_targets, stored_target_count
+from dtrak_core.evaluation.retrain import (full_data_train_config, read_retrain_recipe, recipe_trainer, retrain,
+                                           retrain_bytes, subset_train_config)
 from dtrak_core.evaluation.subsets import SUBSETS_FILE, SubsetPlan, make_plan
 from dtrak_core.evaluation.units import CorruptUnitError, clear_stale_temps, write_atomic
 from dtrak_core.io import ensure_writable, fault_point, hold_lock, try_lock
 from dtrak_core.models import RECIPE_FILE, pipeline_files_hash
 from dtrak_core.progress import progress_bar
-from dtrak_core.training import TrainConfig, read_recipe_config
 
 #: Disk an output file takes per target (one float as JSON text) and besides its losses.
 OUTPUT_BYTES_PER_TARGET, OUTPUT_BYTES_FIXED = 32, 4096
@@ -110,14 +110,15 @@ def _remove_finished_model(config: LdsBuildConfig, job: ModelJob) -> None:
     _lock_path(config, job).unlink(missing_ok=True)
 
 
-def _train_config(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict) -> TrainConfig:
-    """The job's ``TrainConfig``: the recipe on its subset (same-epochs rule), or on all data
-    with its seed for an ensemble model."""
+def _train_config(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict):
+    """The job's config for the recipe's trainer (a ``TrainConfig``, a ``LoraTrainConfig``): the
+    recipe on its subset (same-epochs rule), or on all data with its seed for an ensemble model."""
     run_dir = _run_dir(config, job)
+    trainer = recipe_trainer(recipe)
     if job.subset is None:
-        return full_data_train_config(recipe["config"], job.seed, run_dir, config.checkpoint_every)
+        return full_data_train_config(recipe["config"], job.seed, run_dir, config.checkpoint_every, trainer)
     return subset_train_config(recipe["config"], plan.get(job.subset).indices, job.seed, run_dir,
-                               config.steps_rule, config.checkpoint_every)
+                               config.steps_rule, config.checkpoint_every, trainer)
 
 
 def _train_and_measure(config: LdsBuildConfig, job: ModelJob, plan: SubsetPlan, recipe: dict, targets: Targets,
@@ -201,13 +202,15 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
     num_train_timesteps = full_model.task.num_train_timesteps
     config.validate(num_train_timesteps)
     timesteps = measure_timesteps(config.measure_timesteps, num_train_timesteps)
-    recipe = read_recipe_config(config.model_dir)
+    recipe = read_retrain_recipe(config.model_dir)  # a trainer we can replay (a LoRA: on its unchanged base)
+    train_set = load_training_set(full_model, label_column=config.stratify_column)
+    labels = train_set.labels or ["all"] * len(train_set)
+    source = TargetSource.of(full_model, train_set)
+    config = config.for_model(source.captioned, config.model_dir)  # a text-to-image model's guidance scale
     out = Path(config.out_dir)
     ensure_writable(out, 0, "LDS build")
     ensure_writable(config.work, 0, "LDS retrained models")
     full_hash = pipeline_files_hash(config.model_dir)
-    train_set = load_training_set(full_model, label_column=config.stratify_column)
-    labels = train_set.labels or ["all"] * len(train_set)
     # One worker at a time reads, grows and writes the build file, the targets and the subsets.
     with hold_lock(config.work / "build.lock"):
         out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +223,7 @@ def build_lds(config: LdsBuildConfig, progress: bool = True, max_models: int | N
                          seeds=record["seeds"], ensemble_seeds=record["ensemble_seeds"],
                          extra_validation=record["extra_validation"])
         # Targets first: a filter that selects nothing must not enter the build file.
-        targets = ensure_targets(config, recipe, out / TARGETS_DIR, progress)
+        targets = ensure_targets(config, recipe, source, out / TARGETS_DIR, progress)
         clear_stale_temps(out / BUILD_FILE)
         write_build_record(out, record)
         plan = make_plan(labels, config.num_subsets, config.num_tuning_subsets, config.alpha, config.subset_seed,

@@ -14,11 +14,12 @@ git-ignored by a ``.gitignore`` written there):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dtrak_core.evaluation.retrain import DEFAULT_CHECKPOINT_EVERY, check_steps_rule
 from dtrak_core.evaluation.units import RECORD_CHECKSUM, read_record, write_record
+from dtrak_core.tasks.text_to_image import GuidanceSettings
 
 BUILD_FILE = "lds.json"
 TARGETS_DIR = "targets"
@@ -69,6 +70,12 @@ class LdsBuildConfig:
     generated_seeds: list[int] = field(default_factory=lambda: list(range(100)), metadata=_help(
         "seeds of the generated targets (default 0-99)"))
     sampler_steps: int = 50
+    #: Classifier-free guidance of the generated targets of a text-to-image model; None: the
+    #: default of ``GuidanceSettings`` (resolved by the build, so ``lds.json`` records the number).
+    #: Not a setting of an unconditional model (its build files do not mention it).
+    guidance_scale: float | None = field(default=None, metadata=_help(
+        "classifier-free guidance scale of the generated targets of a text-to-image model (default "
+        f"{GuidanceSettings.guidance_scale})"))
     ensemble_seeds: list[int] = field(default_factory=list, metadata=_help(
         "also retrain the full model with these seeds (for the D-TRAK ensemble)"))
     #: "column=value" filters: held-out images (split ``validation_split``) of other selections of
@@ -103,10 +110,29 @@ class LdsBuildConfig:
             parse_filter(spec)
 
     def identity_fields(self) -> dict:
-        return {k: getattr(self, k) for k in ("alpha", "subset_seed", "stratify_column", "steps_rule",
-                                              "measure_timesteps", "measure_noise", "measure_seed",
-                                              "validation_split", "max_validation", "generated_seeds",
-                                              "sampler_steps")}
+        fields = {k: getattr(self, k) for k in ("alpha", "subset_seed", "stratify_column", "steps_rule",
+                                                "measure_timesteps", "measure_noise", "measure_seed",
+                                                "validation_split", "max_validation", "generated_seeds",
+                                                "sampler_steps")}
+        if self.guidance_scale is not None:  # text-to-image builds only: older builds keep their identity
+            fields["guidance_scale"] = self.guidance_scale
+        return fields
+
+    def guidance(self, steps: int) -> GuidanceSettings:
+        """How the generated targets of a text-to-image model are sampled (``steps`` DDIM steps)."""
+        if self.guidance_scale is None:
+            return GuidanceSettings(steps=steps)
+        return GuidanceSettings(guidance_scale=float(self.guidance_scale), steps=steps)
+
+    def for_model(self, captioned: bool, model_dir: str | Path) -> "LdsBuildConfig":
+        """The settings resolved for the model: a text-to-image model's guidance scale set (default
+        ``GuidanceSettings``'); a guidance scale for an unconditional model is a ``ValueError``."""
+        if not captioned:
+            if self.guidance_scale is not None:
+                raise ValueError(f"--guidance {self.guidance_scale} is for text-to-image models; {model_dir} is "
+                                 "an unconditional model (its generated targets take no prompt)")
+            return self
+        return replace(self, guidance_scale=float(self.guidance(self.sampler_steps).guidance_scale))
 
     @property
     def work(self) -> Path:

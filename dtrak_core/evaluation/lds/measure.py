@@ -1,6 +1,7 @@
 """Stage 2 of an LDS build: the model output on every target, identical (t, eps) for every model.
 
-The output is the diffusion loss mean_{t, eps} |eps_theta(x_t, t) - eps|^2 over
+A text-to-image model is measured with each target's own caption as its condition (the
+targets' ``captions``). The output is the diffusion loss mean_{t, eps} |eps_theta(x_t, t) - eps|^2 over
 ``measure_timesteps`` uniform timesteps of the model's T (offset by half a stride, so they are
 not the attribution's T_K) and ``measure_noise`` noise draws; the noise of (target i, t, draw d)
 comes from ``generator(measure_seed + d, TARGET_ID_OFFSET + i, t)``.
@@ -35,15 +36,19 @@ def measure_timesteps(count: int, num_train_timesteps: int) -> list[int]:
 
 @torch.no_grad()
 def measure_losses(model_dir: str | Path, images: np.ndarray, timesteps: Sequence[int], seed: int,
-                   noise_draws: int = 1, batch_size: int = MEASURE_BATCH_SIZE, first_target: int = 0) -> np.ndarray:
-    """Diffusion loss of the pipeline in ``model_dir`` on each target image, float64 (T,).
+                   noise_draws: int = 1, batch_size: int = MEASURE_BATCH_SIZE, first_target: int = 0,
+                   captions: Sequence[str] | None = None) -> np.ndarray:
+    """Diffusion loss of the model in ``model_dir`` on each target image, float64 (T,).
 
     images: uint8 (T, H, W, 3), the targets ``first_target`` .. ``first_target + T - 1`` of the
-    build. Draw d uses noise seed ``seed + d``; target i has noise id ``TARGET_ID_OFFSET + i``; the
-    result is the mean over timesteps and draws.
+    build; captions: one per image for a text-to-image model (each target is measured with its
+    own condition), None for an unconditional one. Draw d uses noise seed ``seed + d``; target i
+    has noise id ``TARGET_ID_OFFSET + i``; the result is the mean over timesteps and draws.
     """
     task = load_task(model_dir)
-    inputs = task.prepare(Batch(uint8_to_model_range(images), target_ids(len(images), first_target)))
+    captions = None if captions is None else [str(c) for c in captions]
+    inputs = task.prepare(Batch(uint8_to_model_range(images), target_ids(len(images), first_target),
+                                captions=captions))
     total = torch.zeros(len(images), dtype=torch.float64)
     for d in range(noise_draws):
         total += diffusion_loss(task, inputs, list(timesteps), seed + d, batch_size).double()
@@ -64,8 +69,9 @@ def measure_new_targets(model_dir: Path, weights_hash: str, previous: dict | Non
                          "were added by another worker after this one started; run it again")
     reproduced = previous is not None and previous.get("model_hash") == weights_hash
     start = known if reproduced else 0
+    captions = None if targets.captions is None else targets.captions[start:]
     fresh = measure_losses(model_dir, targets.images[start:], timesteps, config.measure_seed, config.measure_noise,
-                           first_target=start)
+                           first_target=start, captions=captions)
     if previous is None:
         return fresh, {}
     note: dict = {"targets_before": known, "targets_after": len(targets), "reproduced": reproduced}

@@ -157,14 +157,20 @@ def get_entry(name: str, grid: Sequence[GridEntry] = DEFAULT_GRID) -> GridEntry:
 
 
 def _checkpoint_models(model_dir: Path, task: DiffusionTask) -> list[LoadedModel]:
-    """The kept raw-weight checkpoints (``checkpoints/step-N``) of the model of ``task``, loaded
-    as models of the same family, float32."""
+    """The kept checkpoints (``checkpoints/step-N``) of the model of ``task``, loaded as models of
+    the same family, float32: raw denoiser weights (``train``), or adapter folders naming their base
+    (``train-lora``), each loaded as a model."""
+    from dtrak_core.lora import read_base
+
     folders = sorted((model_dir / "checkpoints").glob("step-*"))
     if not folders:
         raise ValueError(f"{model_dir} has no checkpoints/step-* folders; TracIn needs a model trained "
                          "with --keep-checkpoints")
     models = []
     for folder in folders:
+        if read_base(folder) is not None:
+            models.append(load_model(folder))
+            continue
         denoiser = type(task.denoiser).from_pretrained(folder, use_safetensors=True,
                                                        low_cpu_mem_usage=False).float().eval()
         models.append(LoadedModel(folder, task.with_denoiser(denoiser), state_dict_hash(denoiser),
@@ -257,7 +263,7 @@ def compute_scores(build_dir: str | Path, entries: Sequence[GridEntry] = DEFAULT
             return
         clear_stale_temps(path, path.with_suffix(".json"))  # a killed writer's: we hold the entry's lock
         matrices = score_targets(method, models, train, targets.images, settings, lambdas, feature_root,
-                                 progress, seed=0)
+                                 progress, seed=0, captions=targets.captions)
         _write_scores(path, matrices, identity)
         status[entry.name] = "written"
 
