@@ -190,8 +190,10 @@ def _score(args: argparse.Namespace) -> int:
     targets = loading.load_dataset_for(models[0], args.targets, args.target_split, None, args.resize)
     target_names = targets.metadata["file_name"].astype(str).tolist()
     ensure_writable(out.parent, _table_bytes(args, method, len(targets), len(train)), "scores")
+    # A text-to-image model attributes each target with its own caption (the folder's text column).
+    captions = models[0].task.captions_for(targets)
     matrices = score_targets(method, models, train, targets.images, settings, args.lambdas,
-                             args.cache_dir, not args.no_progress, seed=args.seed)
+                             args.cache_dir, not args.no_progress, seed=args.seed, captions=captions)
 
     frames = []
     for lam, matrix in matrices.items():
