@@ -27,23 +27,91 @@ def texts(app: AppTest) -> str:
     return "\n".join(plain(p) for p in parts)
 
 
+def calibrated(env, method: str = "dtrak"):
+    """calibrate() of the tiny model's training features, called directly (what the app must show)."""
+    from dtrak_core.attribution.featurizer import FeatureSettings
+    from dtrak_core.attribution.loading import load_model, load_training_set
+    from dtrak_core.attribution.methods import METHODS, train_features
+    from dtrak_core.evaluation.calibration import calibrate
+    from dtrak_core.models import pipeline_files_hash
+
+    model = load_model(env.model_dir)
+    settings = FeatureSettings(output_fn=METHODS[method].output_fn, num_timesteps=int(FAST["K"]),
+                               projection_dim=int(FAST["k"]))
+    features = train_features(model, load_training_set(model), settings, env.cache / "features",
+                              compute_missing=False)
+    return calibrate(features, method, pipeline_files_hash(env.model_dir), False, cache_root=env.cache)
+
+
 def test_landing_page_ranks_the_training_images(env):
     app = run(APP)  # the entry point opens Attribute
     assert not app.exception
     assert app.title[0].value == "Which training images made this image?"
     assert app.radio(key="target").value == "gallery"
     assert app.selectbox(key="method").value == "dtrak"
-    assert app.number_input(key="K").value == 2 and app.number_input(key="lambda").value == 100.0
-    assert [s.value for s in app.subheader][:4] == ["Target", "Top 10 proponents", "Top 10 opponents",
-                                                    "The 5 most neutral"]
-    assert len(app.get("plotly_chart")) == 2  # score histogram, artist shares
+    assert app.number_input(key="K").value == 2
+    heads = [s.value for s in app.subheader]
+    assert heads == ["Target", "The training images that made this image most likely",
+                     "Training images that made it less likely (opponents)", "No measurable effect (the most neutral)",
+                     "Export"]
+    assert [e.label for e in app.main.expander] == ["Generated samples (click a seed)", "Advanced: method, K, k, lambda",
+                                                    "All scores (raw)"]
+    assert len(app.get("plotly_chart")) == 2  # artist shares, strength histogram
     table = app.dataframe[0].value
     assert len(table) == 20 and table["rank"].tolist() == list(range(1, 21))
     assert table["score"].is_monotonic_decreasing
-    assert "What a score means" in texts(app)
+    assert table["relative_strength"].abs().max() == 1.0
+    text = texts(app)
+    assert "**What the scores mean.**" in text and "**How sure is this?** Not measured for this model" in text
     labels = [b.proto.label for b in app.get("download_button")]
     assert labels == ["Score table (CSV)", "Attribution card (PNG)"]
     assert app.query_params["method"] == "dtrak" and app.query_params["seed"] == "0"
+    assert "lambda" not in app.query_params  # the calibrated lambda is the model's, not the link's
+
+
+def test_the_default_lambda_is_the_models_calibration_and_a_users_lambda_is_kept(env):
+    expected = calibrated(env)
+    assert expected.source == "self-retrieval"  # K=2, k=256: no LDS build measures these settings
+    app = run()
+    assert not app.exception
+    assert app.number_input(key="lambda").value == expected.lam
+    text = texts(app)
+    assert f"**Calibrated for this model.** {expected.detail}" in text
+    assert f"lambda {expected.lam:g} (calibrated (self-retrieval))" in text
+    assert not [b for b in app.button if b.key == "lambda_reset"]
+    # The user's lambda is kept across targets and marked as theirs, with a way back.
+    app.number_input(key="lambda").set_value(7.0).run()
+    app.button(key="pick_3").click().run()
+    assert not app.exception and app.number_input(key="lambda").value == 7.0
+    assert f"lambda 7: set by you (the calibrated value for this model is {expected.lam:g})" in texts(app)
+    assert app.query_params["lambda"] == "7.0"
+    app.button(key="lambda_reset").click().run()
+    assert app.number_input(key="lambda").value == expected.lam and "lambda" not in app.query_params
+    # A lambda from a link is the user's too.
+    linked = run(**{"lambda": "25"})
+    assert linked.number_input(key="lambda").value == 25.0
+    assert f"lambda 25: set by you (the calibrated value for this model is {expected.lam:g})" in texts(linked)
+
+
+def test_the_export_records_the_settings_lambda_source_and_names():
+    import numpy as np
+    import pandas as pd
+
+    from dtrak_app.views import EXPORT_COLUMNS, ExportInfo, export_table
+    from dtrak_core.attribution.results import relative_strength, score_table
+
+    meta = pd.DataFrame({"file_name": ["a/1.png", "b/2.png"], "artist": ["a", "b"], "name": ["cat", "dog"]})
+    table = score_table(np.array([0.5, 2.0]), meta, "artist", "name")
+    table["relative_strength"] = relative_strength(table["score"])
+    info = ExportInfo("seed 3", "tiny", {"method": "D-TRAK", "K": 10, "k": 2048, "lambda": 3.16,
+                                         "lambda_source": "calibrated (lds)"}, "2026-01-02")
+    out = export_table(table, info)
+    assert list(out.columns) == EXPORT_COLUMNS
+    assert out["name"].tolist() == ["dog", "cat"] and out["file_name"].tolist() == ["b/2.png", "a/1.png"]
+    assert out["relative_strength"].tolist() == [1.0, 0.25] and out["score"].tolist() == [2.0, 0.5]
+    assert set(out["lambda"]) == {3.16} and set(out["lambda_source"]) == {"calibrated (lds)"}
+    assert set(out["date"]) == {"2026-01-02"} and set(out["model"]) == {"tiny"} and set(out["K"]) == {10}
+    assert info.line() == "D-TRAK on tiny; K=10, k=2048; lambda 3.16 (calibrated (lds)); 2026-01-02"
 
 
 def test_picking_a_target_and_a_method_updates_results_and_url(env):
