@@ -242,3 +242,86 @@ def test_registering_a_taken_name_needs_the_replace_box(env, monkeypatch):
         assert [e.name for e in registry.list_models(env.cache)] == ["tiny", "mine"]
     finally:
         registry.registry_path(env.cache).unlink(missing_ok=True)  # the cache is shared by the session's tests
+
+
+def test_all_positive_scores_leave_opponents_and_neutral_empty_and_say_why(env, monkeypatch):
+    import numpy as np
+
+    from dtrak_app import common
+
+    # As raw pixel cosine on white-background emoji: every score positive.
+    monkeypatch.setattr(common, "scores_for", lambda ctx, target, method, K, k, lam: np.linspace(2.0, 1.0, len(ctx.train)))
+    app = run(method="pixel")
+    assert not app.exception
+    text = texts(app)
+    assert "no training image lowers this image's likelihood under this method (none of the 20 scores is below 0)" in text
+    assert "all 20 scores are positive, so none lies between proponents and opponents" in text
+    assert "Raw pixel similarity: a baseline." in text
+    strengths = [plain(c.value) for c in app.caption if c.value.startswith("#")]
+    assert len(strengths) == 10 and strengths[0].startswith("#1 · strength 100%")  # ten proponents, no others
+    assert strengths[-1].startswith("#10 · strength 76%")  # 2 - 9/19 = 1.526..., of 2
+
+
+def test_all_negative_scores_leave_proponents_empty_and_say_why(env, monkeypatch):
+    import numpy as np
+
+    from dtrak_app import common
+
+    monkeypatch.setattr(common, "scores_for", lambda ctx, target, method, K, k, lam: -np.linspace(1.0, 2.0, len(ctx.train)))
+    app = run()
+    assert not app.exception
+    text = texts(app)
+    assert "no training image raises this image's likelihood under this method (none of the 20 scores is above 0)" in text
+    assert "all 20 scores are negative, so none lies between proponents and opponents" in text
+    assert "No attribution card: no training image has a positive score." in text
+    assert [b.proto.label for b in app.get("download_button")] == ["Score table (CSV)"]
+    strengths = [plain(c.value) for c in app.caption if c.value.startswith("#")]
+    assert strengths[0].startswith("#20 · strength -100%") and len(strengths) == 10  # the opponents only
+
+
+def test_random_is_labelled_a_sanity_check(env):
+    app = run(method="random")
+    assert not app.exception
+    assert "Random scores: a sanity check, not a result." in plain(app.warning[0].value)
+    assert "**How sure is this?** Not at all, by design" in texts(app)
+    assert app.selectbox(key="method").format_func("random") == "random (a sanity check, not a result)"
+
+
+def test_registration_with_a_label_column_feeds_the_artist_chart(env, monkeypatch, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    # A foreign model (no recipe.json: the whole folder is its training set) whose metadata names
+    # each image's "style"; the default label column "artist" would group it otherwise.
+    model = tmp_path / "model"
+    shutil.copytree(env.model_dir, model, ignore=shutil.ignore_patterns("recipe.json", "train_*"))
+    data = tmp_path / "data"
+    shutil.copytree(env.data_dir, data)
+    meta = pd.read_csv(data / "metadata.csv")
+    meta["style"] = ["flat" if i % 3 else "outline" for i in range(len(meta))]
+    meta.to_csv(data / "metadata.csv", index=False)
+    monkeypatch.setenv("DTRAK_MODEL_ROOTS", str(tmp_path))
+    app = run(method="pixel")  # needs no training features
+    try:
+        app.text_input(key="reg_label").input("colour")
+        said = register(app, "styled", model, data)
+        assert said[0] == (f"Not registered: training image folder {str(data)!r} has no metadata column 'colour' "
+                           "to read labels from; its metadata.csv columns: file_name, artist, split, style")
+        app.text_input(key="reg_label").input("style")
+        assert register(app, "styled", model, data) == ["Registered styled."]
+        assert [e.label_column for e in registry.list_models(env.cache) if e.name == "styled"] == ["style"]
+        app = run(method="pixel", model="styled")
+        assert not app.exception and app.selectbox(key="model").value == "styled"
+        chart = app.get("plotly_chart")[0].proto.spec
+        assert "outline" in chart and "flat" in chart and "By style, against their share of the data" in chart
+        assert "share of the training data" in chart
+        assert set(app.dataframe[0].value["label"]) == {"flat", "outline"} and len(app.dataframe[0].value) == 24
+    finally:
+        registry.registry_path(env.cache).unlink(missing_ok=True)  # the cache is shared by the session's tests
+
+
+def test_a_link_to_an_uploaded_image_says_to_upload_it_again(env):
+    app = run(target="upload")
+    assert not app.exception
+    assert "a link cannot carry the image itself: upload the image again" in plain(app.info[0].value)
