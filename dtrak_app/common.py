@@ -489,6 +489,10 @@ def method_menu_label(name: str) -> str:
     return METHOD_MENU.get(name, METHODS[name].label)
 
 
+#: How an export names where a calibrated lambda came from (``Calibration.source``).
+CALIBRATION_SOURCES = {"lds": "calibrated on an LDS build", "self-retrieval": "calibrated by self-retrieval"}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The method and its settings as used, and where lambda came from.
@@ -521,9 +525,9 @@ class Settings:
         spec = METHODS[method or self.method]
         source = None
         if spec.uses_lambda:
-            source = (f"calibrated ({self.calibration.source})" if self.lambda_source == "calibrated"
-                      and self.calibration is not None else
-                      "set by the user" if self.lambda_source == "user" else "default (not calibrated)")
+            source = (CALIBRATION_SOURCES.get(self.calibration.source, f"calibrated ({self.calibration.source})")
+                      if self.lambda_source == "calibrated" and self.calibration is not None else
+                      "set by the user" if self.lambda_source == "user" else "default, not calibrated")
         return {"method": spec.label, "K": self.K if spec.needs_features else None,
                 "k": self.k if spec.needs_features else None, "lambda": self.lam if spec.uses_lambda else None,
                 "lambda_source": source}
@@ -611,7 +615,7 @@ def method_settings(ctx: Context) -> Settings:
         automatic = calibration.lam if calibration is not None else DEFAULT_LAMBDA
         if not users and float(state["lambda"]) != automatic:
             _reset_lambda(automatic)
-        cols[2].number_input("lambda", min_value=0.0, format="%g", key="lambda", disabled=not spec.uses_lambda)
+        cols[2].number_input("lambda", min_value=0.0, format="%.6g", key="lambda", disabled=not spec.uses_lambda)
         cols[2].caption("Ridge regularisation: small treats each training image as distinct, large lets images "
                         "with large gradients dominate.")
         source = "user" if users else "calibrated" if calibration is not None else "default"

@@ -126,16 +126,15 @@ def artist_chart(table: pd.DataFrame, top_k: int, label_name: str = "artist") ->
 
 def artist_sentence(table: pd.DataFrame, top_k: int, label_name: str = "artist") -> str | None:
     """One sentence on the artist whose share of the positive score is furthest above their share of
-    the training data ("openmoji's images contributed 1.6x their share ..."); plain text; None
-    without labels or positive scores."""
+    the training data ("openmoji's images contributed 1.6x their share: ..."; the chart compares
+    them all); plain text; None without labels or positive scores."""
     if table["label"].isna().all() or not (table["score"] > 0).any():
         return None
     shares = artist_shares(table, top_k).sort_values("ratio_to_training_data", ascending=False, kind="stable")
     top = shares.iloc[0]
     ratio = float(top["ratio_to_training_data"])
     return (f"{top['label']}'s images contributed {ratio:.1f}x their share: {top['share_of_positive_score']:.0%} "
-            f"of the positive score from {top['share_of_training_data']:.0%} of the training images "
-            f"(1.0x would be exactly their share; {label_name}s are compared in the chart).")
+            f"of the positive score, from {top['share_of_training_data']:.0%} of the training images.")
 
 
 def how_sure(measured: c.MeasuredLds | None, method_label: str, method_name: str) -> str:
@@ -175,7 +174,7 @@ class ExportInfo:
         if self.settings.get("K") is not None:
             parts.append(f"K={self.settings['K']}, k={self.settings['k']}")
         if self.settings.get("lambda") is not None:
-            parts.append(f"lambda {self.settings['lambda']:g} ({self.settings['lambda_source']})")
+            parts.append(f"lambda {self.settings['lambda']:.3g} ({self.settings['lambda_source']})")
         return "; ".join(parts) + f"; {self.date}"
 
 

@@ -67,7 +67,7 @@ elif shown_method == "pixel" and method_name == "pixel":
 
 settings_line = f"Method: **{md_escape(label)}**"
 if spec.uses_lambda:
-    settings_line += f" · lambda {lam:g} ({md_escape(settings.record(shown_method)['lambda_source'])})"
+    settings_line += f" · lambda {lam:.3g} ({md_escape(settings.record(shown_method)['lambda_source'])})"
 left, right = st.columns([1, 3])
 with left:
     st.subheader("Target")

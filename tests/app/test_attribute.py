@@ -77,7 +77,7 @@ def test_the_default_lambda_is_the_models_calibration_and_a_users_lambda_is_kept
     assert app.number_input(key="lambda").value == expected.lam
     text = texts(app)
     assert f"**Calibrated for this model.** {expected.detail}" in text
-    assert f"lambda {expected.lam:g} (calibrated (self-retrieval))" in text
+    assert f"lambda {expected.lam:.3g} (calibrated by self-retrieval)" in text
     assert not [b for b in app.button if b.key == "lambda_reset"]
     # The user's lambda is kept across targets and marked as theirs, with a way back.
     app.number_input(key="lambda").set_value(7.0).run()
@@ -103,15 +103,15 @@ def test_the_export_records_the_settings_lambda_source_and_names():
     meta = pd.DataFrame({"file_name": ["a/1.png", "b/2.png"], "artist": ["a", "b"], "name": ["cat", "dog"]})
     table = score_table(np.array([0.5, 2.0]), meta, "artist", "name")
     table["relative_strength"] = relative_strength(table["score"])
-    info = ExportInfo("seed 3", "tiny", {"method": "D-TRAK", "K": 10, "k": 2048, "lambda": 3.16,
-                                         "lambda_source": "calibrated (lds)"}, "2026-01-02")
+    info = ExportInfo("seed 3", "tiny", {"method": "D-TRAK", "K": 10, "k": 2048, "lambda": 3.16228,
+                                         "lambda_source": "calibrated on an LDS build"}, "2026-01-02")
     out = export_table(table, info)
     assert list(out.columns) == EXPORT_COLUMNS
     assert out["name"].tolist() == ["dog", "cat"] and out["file_name"].tolist() == ["b/2.png", "a/1.png"]
     assert out["relative_strength"].tolist() == [1.0, 0.25] and out["score"].tolist() == [2.0, 0.5]
-    assert set(out["lambda"]) == {3.16} and set(out["lambda_source"]) == {"calibrated (lds)"}
+    assert set(out["lambda"]) == {3.16228} and set(out["lambda_source"]) == {"calibrated on an LDS build"}
     assert set(out["date"]) == {"2026-01-02"} and set(out["model"]) == {"tiny"} and set(out["K"]) == {10}
-    assert info.line() == "D-TRAK on tiny; K=10, k=2048; lambda 3.16 (calibrated (lds)); 2026-01-02"
+    assert info.line() == "D-TRAK on tiny; K=10, k=2048; lambda 3.16 (calibrated on an LDS build); 2026-01-02"
 
 
 def test_picking_a_target_and_a_method_updates_results_and_url(env):
