@@ -137,8 +137,9 @@ def artist_sentence(table: pd.DataFrame, top_k: int, label_name: str = "artist")
             f"of the positive score, from {top['share_of_training_data']:.0%} of the training images.")
 
 
-def how_sure(measured: c.MeasuredLds | None, method_label: str, method_name: str) -> str:
-    """The "how sure is this" line (Markdown): the measured LDS of this model when there is one."""
+def how_sure(measured: c.MeasuredLds | None, method_label: str, method_name: str, lam: float | None = None) -> str:
+    """The "how sure is this" line (Markdown): the measured LDS of this model when there is one
+    (``lam``: the lambda in use, said when it is not the one the LDS was measured at)."""
     if method_name == "random":
         return ("**How sure is this?** Not at all, by design: random scores are a sanity check; a real method "
                 "should do clearly better (see Benchmark).")
@@ -147,12 +148,14 @@ def how_sure(measured: c.MeasuredLds | None, method_label: str, method_name: str
                 f"{md_escape(method_label)} at these settings (the Benchmark page shows the small evaluation "
                 "model's). Trust the top few more than the exact order.")
     targets = "held-out real images" if measured.kind == "validation" else "generated images"
-    at = f", lambda {measured.lam:g}" if measured.lam is not None else ""
+    at = f", lambda {measured.lam:.3g}" if measured.lam is not None else ""
+    other = (f" It was measured at lambda {measured.lam:.3g}, not at the {lam:.3g} in use here."
+             if measured.lam is not None and lam is not None and f"{lam:.3g}" != f"{measured.lam:.3g}" else "")
     return (f"**How sure is this?** Measured on this model: when it is retrained on random halves of its data, "
             f"{md_escape(measured.label)}{md_escape(at)} predicts the outcome with a rank correlation (LDS) of "
             f"{measured.mean:.2f} (95% CI {measured.ci_low:.2f} to {measured.ci_high:.2f}) on "
             f"{measured.num_targets} {targets}; 1 would be perfect, random scores get 0 "
-            f"(LDS build {md_escape(measured.build)}).")
+            f"(LDS build {md_escape(measured.build)}).{md_escape(other)}")
 
 
 @dataclass(frozen=True)

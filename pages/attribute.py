@@ -95,7 +95,8 @@ charts[1].plotly_chart(views.score_histogram(
     table, {"proponents": proponents, "opponents": opponents, "neutral": neutral},
     f"All {len(table)} training images ({label})"), width="stretch")
 st.markdown(views.MEANING)
-st.markdown(views.how_sure(c.measured_lds(ctx, shown_method, K), label, shown_method))
+st.markdown(views.how_sure(c.measured_lds(ctx, shown_method, K), label, shown_method,
+                           lam if spec.uses_lambda else None))
 
 st.subheader("Training images that made it less likely (opponents)")
 views.tiles(ctx.train.images, opponents, empty=empty_list_reason(table, "opponents") or "")

@@ -3,7 +3,7 @@
 Reads a stored LDS build (``benchmarks/lds/emoji3-mini`` or ``DTRAK_LDS_DIR``): the results of
 ``python -m dtrak_core lds score`` (verified against their checksums) and the measured subset
 outputs. Nothing is computed here beyond a Spearman correlation, so the page loads instantly.
-The page names the model the build measured, and shows its tables whole.
+The page names the model the build measured, and shows its tables whole (static tables, no scrolling).
 """
 
 from __future__ import annotations
@@ -67,11 +67,6 @@ def model_name(build: dict) -> str:
     return f"the model in {build.get('model_dir', '?')} (weights {wanted[:10]}; not registered here)"
 
 
-def whole(frame: pd.DataFrame) -> int:
-    """A dataframe height that shows every row without scrolling (Streamlit's rows are 35 px)."""
-    return 38 + 35 * len(frame) + 2
-
-
 @st.cache_data(max_entries=8)
 def report_losses(folder: str, stamp: float) -> tuple[np.ndarray, list[str]]:
     """Measured losses (M, T) of the reported subsets (averaged over seeds) and their names."""
@@ -90,7 +85,8 @@ def table(results: dict) -> pd.DataFrame:
             row[f"LDS % ({kind})"] = round(100 * r["mean"], 1) if measured else None
             row[f"95% CI ({kind})"] = (f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" if measured
                                        else "pending")
-        row["paper val / gen (CIFAR-2)"] = " / ".join(x or "-" for x in PAPER_LDS.get(entry.name, (None, None)))
+        # an en dash, not "-": st.table renders cells as Markdown, where "- " starts a list
+        row["paper val / gen (CIFAR-2)"] = " / ".join(x or "–" for x in PAPER_LDS.get(entry.name, (None, None)))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -157,15 +153,14 @@ done = report["models_done"] == report["models_total"] and progress["tune"]["mod
     f"{'Complete' if done else 'Partial'}: {report['subsets_with_any_seed']} of {report['subsets']} reported subsets "
     f"measured ({report['models_done']} of {report['models_total']} models), "
     f"{progress['tune']['subsets_with_any_seed']} of {progress['tune']['subsets']} tuning subsets.")
-lds_table = table(results)
-st.dataframe(lds_table, hide_index=True, width="stretch", height=whole(lds_table))
+# Static tables: every row and column whole, text wrapped (a dataframe scrolled and cut them).
+st.table(table(results).style.format(precision=1, na_rep="–"), hide_index=True)
 st.plotly_chart(bar_chart(results), width="stretch")
 if results.get("ordering"):
     st.subheader("The paper's ordering, checked")
     st.caption("Each claim compares two methods on the same targets and subsets: the LDS difference in points with a "
                "95% paired bootstrap CI over subsets. 'holds' means the whole CI is above 0.")
-    ordering = ordering_table(results["ordering"])
-    st.dataframe(ordering, hide_index=True, width="stretch", height=whole(ordering))
+    st.table(ordering_table(results["ordering"]).style.format(precision=1, na_rep="–"), hide_index=True)
 
 st.subheader("One target: predicted vs actual")
 measured = [e for e in DEFAULT_GRID

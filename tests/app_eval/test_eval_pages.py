@@ -20,7 +20,7 @@ def test_benchmark_shows_the_table_bars_and_a_targets_scatter(eval_vars):
     app = run("benchmark.py", lds_method="pixel", lds_kind="generated", lds_target="1")
     assert not app.exception
     assert "Complete: 4 of 4 reported subsets" in app.success[0].value
-    table = app.dataframe[0].value
+    table = app.table[0].value
     assert "raw pixel cosine" in table["method"].tolist()
     results = json.loads((eval_vars.lds_dir / "results" / "lds.json").read_text())
     expected = results["entries"]["pixel"]["kinds"]["validation"]["mean"]
@@ -29,7 +29,7 @@ def test_benchmark_shows_the_table_bars_and_a_targets_scatter(eval_vars):
     assert table[table["method"] == "D-TRAK (square), K=10"].iloc[0]["95% CI (generated)"] == "pending"
     # The paper's ordering: one row per claim, from the stored results (this grid has neither side of
     # any claim, so every verdict is pending).
-    ordering = app.dataframe[1].value
+    ordering = app.table[1].value
     assert ordering["claim"].tolist() == [row["claim"] for row in results["ordering"]]
     assert set(ordering["verdict (validation)"]) == {"pending"}
     bars, scatter = app.get("plotly_chart")
@@ -59,7 +59,7 @@ def test_benchmark_keeps_the_table_but_not_the_scatter_when_targets_were_added_a
     monkeypatch.setenv("DTRAK_LDS_DIR", str(build))
     app = run("benchmark.py")
     assert not app.exception
-    assert "raw pixel cosine" in app.dataframe[0].value["method"].tolist()
+    assert "raw pixel cosine" in app.table[0].value["method"].tolist()
     assert "Targets were added" in app.warning[0].value and f"{len(added)} targets now" in app.warning[0].value
     assert len(app.get("plotly_chart")) == 1                          # the bars, no per-target scatter
 
@@ -113,7 +113,7 @@ def test_benchmark_names_its_model_and_shows_every_method(eval_vars):
     assert not app.exception
     weights = pipeline_files_hash(eval_vars.model_dir)[:10]
     assert plain(app.subheader[0].value) == f"Model: tiny (weights {weights})"
-    assert app.dataframe[0].value["method"].tolist() == [e.label for e in DEFAULT_GRID]  # every row
+    assert app.table[0].value["method"].tolist() == [e.label for e in DEFAULT_GRID]  # every row
 
 
 def test_benchmark_refuses_results_that_fail_their_checksum(eval_vars, monkeypatch, tmp_path):
@@ -128,7 +128,7 @@ def test_benchmark_refuses_results_that_fail_their_checksum(eval_vars, monkeypat
     assert not app.exception
     assert plain(app.error[0].value) == (f"{build}/results/predictions.npz does not match its checksum (changed "
                                          "after it was written); run 'lds score' again to write them again")
-    assert not app.dataframe
+    assert not app.table
 
 
 def test_attribute_quotes_the_measured_lds_of_this_model(eval_vars):
