@@ -41,6 +41,11 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def _fit(text: str, chars: int = 20) -> str:
+    """``text`` cut to ``chars`` characters under a tile, with ".." where it was cut."""
+    return text if len(text) <= chars else text[:chars - 2] + ".."
+
+
 def upscale(image: np.ndarray, side: int) -> Image.Image:
     """Nearest-neighbour upscale of an (H, W, 3) uint8 image by an integer factor to about
     ``side`` px: crisp pixels, no blur (the card's tiles and the app's pictures)."""
@@ -84,7 +89,7 @@ def render_card(target: np.ndarray, entries: Sequence[CardEntry], title: str, su
         y = header + (i // columns) * (tile + text_h)
         picture = upscale(entry.image, tile)
         card.paste(picture, (x + (tile - picture.width) // 2, y + (tile - picture.height) // 2))
-        draw.text((x, y + tile + 3), (entry.name or entry.file_name)[:20], fill=INK, font=small)
+        draw.text((x, y + tile + 3), _fit(entry.name or entry.file_name), fill=INK, font=small)
         draw.text((x, y + tile + 19), f"#{entry.rank}  {entry.score_text()}", fill=INK, font=small)
-        draw.text((x, y + tile + 35), (entry.artist or entry.file_name)[:20], fill=MUTED, font=small)
+        draw.text((x, y + tile + 35), _fit(entry.artist or entry.file_name), fill=MUTED, font=small)
     return card

@@ -580,6 +580,16 @@ def calibration_for(ctx: Context, method_name: str, K: int, k: int) -> Calibrati
         return None
 
 
+def effective_lambda(ctx: Context, method_name: str, K: int, k: int) -> float:
+    """The lambda to score ``method_name`` with on a page that shows no lambda widget of its own
+    (or several methods at once): the user's when they set one, else this method's calibration,
+    else the default."""
+    if lambda_is_users():
+        return float(st.session_state["lambda"])
+    calibration = calibration_for(ctx, method_name, K, k)
+    return calibration.lam if calibration is not None else DEFAULT_LAMBDA
+
+
 def _reset_lambda(value: float) -> None:
     st.session_state["lambda"] = value
     st.session_state[_LAMBDA_AUTO] = value
