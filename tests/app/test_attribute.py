@@ -6,6 +6,7 @@ import io
 import json
 import os
 
+import numpy as np
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -41,6 +42,24 @@ def calibrated(env, method: str = "dtrak"):
     features = train_features(model, load_training_set(model), settings, env.cache / "features",
                               compute_missing=False)
     return calibrate(features, method, pipeline_files_hash(env.model_dir), False, cache_root=env.cache)
+
+
+def direct_scores(env, seed: int, lam: float):
+    """D-TRAK scores of the gallery sample ``seed`` (the image the app generated) at ``lam``,
+    computed without the app."""
+    from dtrak_app.common import SAMPLER
+    from dtrak_core.attribution.featurizer import FeatureSettings
+    from dtrak_core.attribution.loading import load_model, load_training_set
+    from dtrak_core.attribution.methods import score_targets
+    from dtrak_core.models import pipeline_files_hash
+
+    model = load_model(env.model_dir)
+    sample = env.cache / "samples" / pipeline_files_hash(env.model_dir)[:16] / SAMPLER.tag / f"{seed}.png"
+    image = np.asarray(Image.open(sample).convert("RGB"))
+    settings = FeatureSettings(output_fn="square", num_timesteps=int(FAST["K"]), projection_dim=int(FAST["k"]))
+    (matrix,) = score_targets("dtrak", [model], load_training_set(model), image[None], settings, [lam],
+                              env.cache / "features", compute_missing=False).values()
+    return matrix[0]
 
 
 def test_landing_page_ranks_the_training_images(env):
@@ -79,6 +98,10 @@ def test_the_default_lambda_is_the_models_calibration_and_a_users_lambda_is_kept
     assert f"**Calibrated for this model.** {expected.detail}" in text
     assert f"lambda {expected.lam:.3g} (calibrated by self-retrieval)" in text
     assert not [b for b in app.button if b.key == "lambda_reset"]
+    # ... and used: the scores shown are the kernel's at that lambda (not at the old constant).
+    scored = app.dataframe[0].value.sort_values("train_index")["score"].to_numpy()
+    assert np.allclose(scored, direct_scores(env, 0, expected.lam), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(scored, direct_scores(env, 0, 100.0), rtol=1e-3)
     # The user's lambda is kept across targets and marked as theirs, with a way back.
     app.number_input(key="lambda").set_value(7.0).run()
     app.button(key="pick_3").click().run()
