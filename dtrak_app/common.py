@@ -11,7 +11,6 @@ are kept in a :class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import hmac
 import io
 import ipaddress
