@@ -14,6 +14,7 @@ import base64
 import hmac
 import io
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from dtrak_app.text import md_escape
 from dtrak_app.uploads import TargetError, prepare_upload
 from dtrak_core import jobs, paths, registry
 from dtrak_core.attribution.featurizer import FeatureSettings
-from dtrak_core.attribution.methods import (APP_METHODS, METHODS, Method,
-                                            MethodCache, score_targets)
+from dtrak_core.attribution.methods import (APP_METHODS, METHODS, FeaturesNotReady, Method,
+                                            MethodCache, score_targets, train_features)
 from dtrak_core.attribution.dataset_features import feature_status
 from dtrak_core.attribution.loading import LoadedModel, load_model, load_training_set
-from dtrak_core.conventions import DEFAULT_LAMBDA
+from dtrak_core.conventions import DEFAULT_LAMBDA, DEFAULT_PROJECTION_DIM
 from dtrak_core.datasets import DatasetError, ImageFolderDataset
+from dtrak_core.evaluation.calibration import Calibration, calibrate
+from dtrak_core.evaluation.lds.scores import DEFAULT_GRID, read_results
 from dtrak_core.generation import SamplerConfig, generate_to_folder
 from dtrak_core.models import ModelError, pipeline_files_hash
 
@@ -186,16 +189,48 @@ def init_state() -> None:
         st.session_state["target"] = DEFAULTS["target"]
     if "model" in q:
         st.session_state["model"] = q["model"]
+    # What the link itself chose: a lambda from a link is the user's (kept, not replaced by the
+    # calibration); a link to an uploaded-image view cannot carry the image.
+    st.session_state[_LAMBDA_AUTO] = None if _link_lambda_kept(q.get("lambda")) else st.session_state["lambda"]
+    st.session_state["_model_from_link"] = "model" in q
+    st.session_state["_upload_from_link"] = st.session_state["target"] == "upload"
     st.session_state["_url_loaded"] = True
 
 
+def _link_lambda_kept(text: str | None) -> bool:
+    """Whether the link gave a lambda that was accepted (not replaced by the default after a warning)."""
+    try:
+        return text is not None and float(text) == float(st.session_state["lambda"])
+    except ValueError:
+        return False
+
+
 def sync_url(**extra: object) -> None:
-    """Write the current view into the URL."""
+    """Write the current view into the URL.
+
+    lambda is written only when it is the user's: a calibrated lambda is left out, so the link
+    gets this model's calibration wherever it is opened (the same value, from the same files).
+    """
     state = st.session_state
     params = {"model": state.get("model"), "method": state.get("method"), "K": state.get("K"),
-              "k": state.get("k"), "lambda": state.get("lambda"), "target": state.get("target"),
-              "seed": state.get("seed"), **extra}
+              "k": state.get("k"), "lambda": state.get("lambda") if lambda_is_users() else None,
+              "target": state.get("target"), "seed": state.get("seed"), **extra}
+    if params["lambda"] is None and "lambda" in st.query_params:
+        del st.query_params["lambda"]
     st.query_params.update({k: str(v) for k, v in params.items() if v is not None})
+
+
+#: Session key of the lambda the app itself last put into the "lambda" widget (the default or a
+#: calibration); None when the link set it. A widget value that differs from it is the user's.
+_LAMBDA_AUTO = "_lambda_auto"
+
+
+def lambda_is_users() -> bool:
+    """Whether the current lambda was set by the user (in a widget on any page, or by the link)."""
+    state = st.session_state
+    if "lambda" not in state:
+        return False
+    return state.get(_LAMBDA_AUTO) is None or float(state["lambda"]) != float(state[_LAMBDA_AUTO])
 
 
 # ----------------------------------------------------------------------------- resources
@@ -206,8 +241,9 @@ def _cached_model(model_dir: str, files_hash: str) -> LoadedModel:
 
 
 @st.cache_resource(show_spinner="Loading the training images...", max_entries=4)
-def _cached_training_set(model_dir: str, files_hash: str, data_dir: str | None) -> ImageFolderDataset:
-    dataset = load_training_set(_cached_model(model_dir, files_hash), data_dir)
+def _cached_training_set(model_dir: str, files_hash: str, data_dir: str | None,
+                         label_column: str = registry.DEFAULT_LABEL_COLUMN) -> ImageFolderDataset:
+    dataset = load_training_set(_cached_model(model_dir, files_hash), data_dir, label_column)
     _ = dataset.pixels_and_metadata_hash  # hash once here, not on every rerun
     return dataset
 
@@ -237,12 +273,17 @@ def _register_form() -> None:
             name = st.text_input("Name", key="reg_name")
             model_dir = st.text_input("Pipeline folder (diffusers DDPMPipeline)", key="reg_model")
             data_dir = st.text_input("Training image folder", key="reg_data")
+            label_column = st.text_input(
+                "Label column (optional)", key="reg_label", placeholder=registry.DEFAULT_LABEL_COLUMN,
+                help="the column of the folder's metadata.csv that names each image's artist, style or source: "
+                     f"the artist chart groups by it (blank: '{registry.DEFAULT_LABEL_COLUMN}' when there is one)")
             replace = st.checkbox("Replace the model registered under this name", key="reg_replace")
             st.caption("Folders must be under the project's models/ or cache folder, or a folder listed in "
                        f"{registry.ROOTS_ENV} where the app was started.")
             if st.form_submit_button("Register"):
                 try:
-                    entry = registry.register_model(name, model_dir, data_dir, cache_root(), replace=replace)
+                    entry = registry.register_model(name, model_dir, data_dir, cache_root(), replace=replace,
+                                                    label_column=label_column)
                 except (ModelError, DatasetError, ValueError) as error:
                     st.error(f"Not registered: {md_escape(error)}")
                 else:
@@ -284,13 +325,79 @@ def model_context() -> Context | None:
         return None
     try:
         model = _cached_model(entry.model_dir, files_hash)
-        train = _cached_training_set(entry.model_dir, files_hash, entry.data_dir)
+        train = _cached_training_set(entry.model_dir, files_hash, entry.data_dir, entry.labels_from)
     except (ModelError, DatasetError, ValueError) as error:
         st.error(f"Model {md_escape(entry.name)}: {md_escape(error)}")
         return None
     st.sidebar.caption(f"{len(train)} training images, {train.image_size}x{train.image_size} px; "
                        f"weights {files_hash[:10]}")
     return Context(entry, model, train, files_hash)
+
+
+@dataclass(frozen=True)
+class MeasuredLds:
+    """The LDS an LDS build of this model measured for a method (on ``kind`` targets): mean and
+    95% bootstrap CI as fractions, at the build's tuned ``lam`` (None: the method has none)."""
+
+    entry: str
+    label: str
+    kind: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    lam: float | None
+    num_targets: int
+    build: str
+
+
+def lds_build_folders() -> list[Path]:
+    """The LDS builds the app knows: ``DTRAK_LDS_DIR`` (the Benchmark page's), then benchmarks/lds/*."""
+    folders = [Path(os.environ["DTRAK_LDS_DIR"])] if os.environ.get("DTRAK_LDS_DIR") else []
+    folders += sorted(path.parent for path in (paths.REPO_ROOT / "benchmarks" / "lds").glob("*/lds.json"))
+    return list(dict.fromkeys(folders))
+
+
+def lds_entry_for(method: str, K: int) -> str | None:
+    """The LDS grid's entry of a method with its own output function at K timesteps (any K for a
+    method without features), if the grid has one."""
+    for entry in DEFAULT_GRID:
+        if (entry.method == method and entry.output_fn is None and entry.models == "full"
+                and entry.num_timesteps in (None, K)):
+            return entry.name
+    return None
+
+
+@st.cache_data(max_entries=64)
+def _measured_lds(files_hash: str, entry: str, builds: tuple[tuple[str, float], ...]) -> MeasuredLds | None:
+    """``builds``: (folder, mtime of its results) pairs; the mtimes renew the cache."""
+    for folder, _ in builds:
+        try:
+            if json.loads((Path(folder) / "lds.json").read_text()).get("model_hash") != files_hash:
+                continue
+            results = read_results(folder)  # verified against its checksum
+        except (OSError, ValueError):  # no results yet, or damaged: nothing to quote from this build
+            continue
+        record = results.get("entries", {}).get(entry, {})
+        for kind in ("validation", "generated"):
+            measured = record.get("kinds", {}).get(kind, {})
+            if measured.get("status") == "measured":
+                return MeasuredLds(entry, record.get("label", entry), kind, float(measured["mean"]),
+                                   float(measured["ci_low"]), float(measured["ci_high"]),
+                                   None if measured.get("lambda") is None else float(measured["lambda"]),
+                                   int(measured.get("num_targets", 0)), Path(folder).name)
+    return None
+
+
+def measured_lds(ctx: Context, method: str, K: int) -> MeasuredLds | None:
+    """The measured LDS of ``method`` (at K) on this model from a stored LDS build, or None."""
+    entry = lds_entry_for(method, K)
+    if entry is None:
+        return None
+    stamps = []
+    for folder in lds_build_folders():
+        results = folder / "results" / "lds.json"
+        stamps.append((str(folder), results.stat().st_mtime if results.exists() else 0.0))
+    return _measured_lds(ctx.files_hash, entry, tuple(stamps))
 
 
 # ----------------------------------------------------------------------------- targets
@@ -342,8 +449,13 @@ def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
     if kind == "upload":
         upload = st.file_uploader("An image (PNG, JPEG, GIF, WebP; up to 10 MiB)", key="upload")
         if upload is None:
-            st.info("Upload an image to attribute it.")
+            if st.session_state.get("_upload_from_link"):
+                st.info("This link was to a view of an uploaded image, and a link cannot carry the image itself: "
+                        "upload the image again to see it.")
+            else:
+                st.info("Upload an image to attribute it.")
             return None
+        st.session_state["_upload_from_link"] = False
         try:
             prepared = prepare_upload(upload.getvalue(), ctx.size, upload.name)
         except TargetError as error:
@@ -368,19 +480,161 @@ def pick_target(ctx: Context, gallery_columns: int = 8) -> Target | None:
 
 # ----------------------------------------------------------------------------- methods and scores
 
-def method_settings(prefix: str = "") -> tuple[str, int, int, float]:
-    """Method menu and its settings (K timesteps, projection size k, lambda)."""
-    method = st.selectbox("Method", APP_METHODS, key=f"{prefix}method",
-                          format_func=lambda m: METHODS[m].label)
-    spec = METHODS[method]
-    cols = st.columns(3)
-    cols[0].number_input("K timesteps", min_value=1, max_value=1000, step=1, key="K",
-                         disabled=not spec.needs_features, help="more is better and slower (10: cheap, 100: good)")
-    cols[1].selectbox("Projection size k", sorted(set(k_OPTIONS) | {int(st.session_state["k"])}), key="k",
-                      disabled=not spec.needs_features)
-    cols[2].number_input("lambda", min_value=0.0, format="%g", key="lambda", disabled=not spec.uses_lambda,
-                         help="ridge regularisation of the kernel; 10..5000 work well")
-    return method, int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
+#: How the method menu names each method: the baselines say what they are for.
+METHOD_MENU = {"pixel": "raw pixel similarity (a baseline)", "random": "random (a sanity check, not a result)"}
+
+
+def method_menu_label(name: str) -> str:
+    return METHOD_MENU.get(name, METHODS[name].label)
+
+
+#: How an export names where a calibrated lambda came from (``Calibration.source``).
+CALIBRATION_SOURCES = {"lds": "calibrated on an LDS build", "self-retrieval": "calibrated by self-retrieval"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The method and its settings as used, and where lambda came from.
+
+    ``lambda_source``: "calibrated" (``calibration`` says how), "user" (a widget or the link),
+    or "default" (the constant, while the calibration waits for the training features).
+    """
+
+    method: str
+    K: int
+    k: int
+    lam: float
+    lambda_source: str
+    calibration: Calibration | None
+
+    def lambda_note(self) -> str:
+        """One line (Markdown) on where lambda came from."""
+        if self.lambda_source == "calibrated" and self.calibration is not None:
+            return f"**Calibrated for this model.** {md_escape(self.calibration.detail)}"
+        if self.lambda_source == "user":
+            mine = f"lambda {self.lam:g}: set by you"
+            if self.calibration is not None:
+                return f"{mine} (the calibrated value for this model is {self.calibration.lam:g})"
+            return mine
+        return f"lambda {self.lam:g}: the default, until this model's training features are ready to calibrate it"
+
+    def record(self, method: str | None = None) -> dict[str, object]:
+        """What an export records about the settings of ``method`` (default: this one): K and k only
+        for a method that reads gradient features, lambda and its source only for one that uses it."""
+        spec = METHODS[method or self.method]
+        source = None
+        if spec.uses_lambda:
+            source = (CALIBRATION_SOURCES.get(self.calibration.source, f"calibrated ({self.calibration.source})")
+                      if self.lambda_source == "calibrated" and self.calibration is not None else
+                      "set by the user" if self.lambda_source == "user" else "default, not calibrated")
+        return {"method": spec.label, "K": self.K if spec.needs_features else None,
+                "k": self.k if spec.needs_features else None, "lambda": self.lam if spec.uses_lambda else None,
+                "lambda_source": source}
+
+
+def lds_default_settings(method: str, K: int, k: int) -> bool:
+    """Whether (method, K, k) are settings an LDS build measures (its grid's entries of the method with
+    its own output function at the default projection), so a build's tuned lambda applies."""
+    measured = {e.num_timesteps for e in DEFAULT_GRID if e.method == method and e.output_fn is None
+                and e.models == "full"}
+    return K in measured and k == DEFAULT_PROJECTION_DIM
+
+
+def lds_builds_root() -> Path | None:
+    """Where calibration looks for LDS builds: beside the app's build (``DTRAK_LDS_DIR``) when set,
+    else the repository's benchmarks/lds (None: calibrate's default)."""
+    folder = os.environ.get("DTRAK_LDS_DIR")
+    return Path(folder).parent if folder else None
+
+
+@st.cache_data(show_spinner="Calibrating lambda for this model...", max_entries=64)
+def _calibration(model_dir: str, files_hash: str, data_dir: str | None, label_column: str, method_name: str,
+                 K: int, k: int, features_key: str, cache: str, builds_root: str | None) -> Calibration:
+    """calibrate() of finished training features (``features_key`` and ``cache`` key the result)."""
+    model = _cached_model(model_dir, files_hash)
+    train = _cached_training_set(model_dir, files_hash, data_dir, label_column)
+    method = METHODS[method_name]
+    features = train_features(model, train, feature_settings(method, K, k), Path(cache) / "features",
+                              compute_missing=False, cache=method_cache())
+    return calibrate(features, method_name, files_hash, lds_default_settings(method_name, K, k),
+                     kernel=method_cache().kernel(features), cache_root=cache, builds_root=builds_root)
+
+
+def calibration_for(ctx: Context, method_name: str, K: int, k: int) -> Calibration | None:
+    """This model's calibrated lambda for a kernel method, or None: the method uses no lambda or
+    reads no features, or its training features are not ready (nothing is computed for it here)."""
+    method = METHODS[method_name]
+    if not (method.uses_lambda and method.needs_features):
+        return None
+    root = cache_root()
+    try:
+        status = feature_status(ctx.model, ctx.train, feature_settings(method, K, k), root / "features")
+        if status.state != "complete":
+            return None
+        builds = lds_builds_root()
+        return _calibration(ctx.entry.model_dir, ctx.files_hash, ctx.entry.data_dir, ctx.entry.labels_from,
+                            method_name, K, k, status.key, str(root), None if builds is None else str(builds))
+    except (FeaturesNotReady, OSError, ValueError) as error:  # vanished features, an unwritable cache
+        st.caption(f"lambda could not be calibrated: {md_escape(error)}")
+        return None
+
+
+def effective_lambda(ctx: Context, method_name: str, K: int, k: int) -> float:
+    """The lambda to score ``method_name`` with on a page that shows no lambda widget of its own
+    (or several methods at once): the user's when they set one, else this method's calibration,
+    else the default."""
+    if lambda_is_users():
+        return float(st.session_state["lambda"])
+    calibration = calibration_for(ctx, method_name, K, k)
+    return calibration.lam if calibration is not None else DEFAULT_LAMBDA
+
+
+def _reset_lambda(value: float) -> None:
+    st.session_state["lambda"] = value
+    st.session_state[_LAMBDA_AUTO] = value
+
+
+def method_settings(ctx: Context) -> Settings:
+    """The "Advanced" panel: method, K timesteps, projection size k and lambda, each with one line
+    on what it does; lambda defaults to this model's calibration (see :func:`calibration_for`).
+
+    A lambda the user set (here, on another page, or in the link) is kept and marked as theirs,
+    with a button back to the calibrated value; otherwise lambda follows the calibration of the
+    model, method and settings in view.
+    """
+    state = st.session_state
+    with st.expander("Advanced: method, K, k, lambda"):
+        method = st.selectbox("Method", APP_METHODS, key="method", format_func=method_menu_label)
+        st.caption("How the scores are computed. D-TRAK is the paper's best; raw pixel similarity knows nothing "
+                   "of the model; random is a sanity check that any real method must beat.")
+        spec = METHODS[method]
+        cols = st.columns(3)
+        cols[0].number_input("K timesteps", min_value=1, max_value=1000, step=1, key="K",
+                             disabled=not spec.needs_features)
+        cols[0].caption("Noise levels each gradient is averaged over: more is steadier and slower (10: quick, "
+                        "100: better).")
+        cols[1].selectbox("Projection size k", sorted(set(k_OPTIONS) | {int(state["k"])}), key="k",
+                          disabled=not spec.needs_features)
+        cols[1].caption("Numbers kept per image from its gradient: more keeps more detail and takes more memory.")
+        K, k = int(state["K"]), int(state["k"])
+        calibration = calibration_for(ctx, method, K, k)
+        users = lambda_is_users()
+        # Before the widget is drawn, so that it shows the value: the calibration, or the default
+        # while there is none (not the calibration of the method or settings viewed before).
+        automatic = calibration.lam if calibration is not None else DEFAULT_LAMBDA
+        if not users and float(state["lambda"]) != automatic:
+            _reset_lambda(automatic)
+        cols[2].number_input("lambda", min_value=0.0, format="%.6g", key="lambda", disabled=not spec.uses_lambda)
+        cols[2].caption("Ridge regularisation: small treats each training image as distinct, large lets images "
+                        "with large gradients dominate.")
+        source = "user" if users else "calibrated" if calibration is not None else "default"
+        settings = Settings(method, K, k, float(state["lambda"]), source, calibration)
+        if spec.uses_lambda:
+            st.caption(settings.lambda_note())
+            if users and calibration is not None:
+                st.button(f"Reset to calibrated ({calibration.lam:g})", key="lambda_reset", on_click=_reset_lambda,
+                          args=(calibration.lam,))
+    return settings
 
 
 def feature_settings(method: Method, K: int, k: int) -> FeatureSettings:

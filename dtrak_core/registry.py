@@ -2,7 +2,9 @@
 
 A registered model is a name, a diffusers pipeline folder and the folder of its training images
 (for a model trained by us, ``recipe.json`` says which of those images were used; otherwise the
-whole folder is the training set). Registrations live in ``<cache>/registry.json`` (written
+whole folder is the training set), and optionally the metadata column that names each image's
+artist or other label (what the app's artist chart and the counterfactual page group by;
+``artist`` when present, if none is chosen). Registrations live in ``<cache>/registry.json`` (written
 atomically under a lock). Registration checks everything cheap before saving: the model folder
 loads as a supported pipeline and its training set loads and fits the model; so the app only
 ever reads files inside registered folders.
@@ -44,14 +46,25 @@ class RegistryError(ValueError):
     """A registration is refused (outside the allowed roots, or a name taken); the message says why."""
 
 
+#: The label column a training set is read with when none was chosen (used when present).
+DEFAULT_LABEL_COLUMN = "artist"
+
+
 @dataclass(frozen=True)
 class ModelEntry:
-    """``data_dir`` None: the recipe's data folder (embedded models)."""
+    """``data_dir`` None: the recipe's data folder (embedded models). ``label_column`` None:
+    :data:`DEFAULT_LABEL_COLUMN` when the metadata has it, else no labels."""
 
     name: str
     model_dir: str
     data_dir: str | None = None
     source: str = "registered"  # "embedded", "environment" or "registered"
+    label_column: str | None = None
+
+    @property
+    def labels_from(self) -> str:
+        """The metadata column to read labels from (the loader ignores it when absent)."""
+        return self.label_column or DEFAULT_LABEL_COLUMN
 
 
 def _cache_root() -> Path:
@@ -115,13 +128,18 @@ def list_models(cache_root: str | Path | None = None) -> list[ModelEntry]:
 
 
 def register_model(name: str, model_dir: str | Path, data_dir: str | Path,
-                   cache_root: str | Path | None = None, replace: bool = False) -> ModelEntry:
+                   cache_root: str | Path | None = None, replace: bool = False,
+                   label_column: str | None = None) -> ModelEntry:
     """Check and save a registration.
 
+    ``label_column``: the metadata column naming each training image's artist or label (None or
+    blank: :data:`DEFAULT_LABEL_COLUMN` when present); a chosen column must exist.
+
     Raises RegistryError (outside the allowed roots; the name is taken and ``replace`` is False;
-    an embedded or environment model's name), ValueError (a malformed name), ModelError (not a
-    supported pipeline) or DatasetError (the training images are missing, unreadable or do not
-    fit), each with the reason. Folders are checked against the roots before anything is read.
+    an embedded or environment model's name; the label column is not in the metadata),
+    ValueError (a malformed name), ModelError (not a supported pipeline) or DatasetError (the
+    training images are missing, unreadable or do not fit), each with the reason. Folders are
+    checked against the roots before anything is read.
     """
     if not _NAME.match(name or ""):
         raise ValueError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
@@ -132,9 +150,15 @@ def register_model(name: str, model_dir: str | Path, data_dir: str | Path,
     roots = allowed_roots(cache_root)
     model_dir = _confined(model_dir, "model folder", roots)
     data_dir = _confined(data_dir, "training image folder", roots)
+    label_column = (label_column or "").strip() or None
     model = load_model(model_dir)  # ModelError: not a (supported) pipeline
-    load_training_set(model, data_dir)  # DatasetError: missing, unreadable, wrong size, wrong count
-    entry = ModelEntry(name, str(model_dir), str(data_dir))
+    # DatasetError: missing, unreadable, wrong size, wrong count
+    train = load_training_set(model, data_dir, label_column or DEFAULT_LABEL_COLUMN)
+    if label_column is not None and train.label_column != label_column:  # the loader drops an absent column
+        columns = ", ".join(map(str, train.metadata.columns))
+        raise RegistryError(f"training image folder {str(data_dir)!r} has no metadata column {label_column!r} "
+                            f"to read labels from; its metadata.csv columns: {columns}")
+    entry = ModelEntry(name, str(model_dir), str(data_dir), label_column=label_column)
     path = registry_path(cache_root)
     with hold_lock(path.with_suffix(".lock")):
         entries = _read(path)

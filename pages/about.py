@@ -29,6 +29,13 @@ cached; a new target then needs one gradient and a matrix product.
 datamodeling score* (LDS): retrain many models on random halves of the data and check how well the
 scores predict each model's behaviour. The paper reports LDS of about 0.11-0.34 for D-TRAK on small
 image sets (TRAK 0.02-0.27, raw pixels about 0.08, random 0). Use the top of a list as good leads, not as proof.
+Where a model has its own LDS build, the Attribute page quotes that model's measured LDS.
+
+**The defaults are measured on each model.** The ridge lambda depends on the scale of a model's
+features, so it is calibrated per model: the lambda its LDS build tuned where one exists, otherwise
+the most regularised lambda at which every sampled training image, attributed as a target, ranks
+itself first (docs/benchmarks/calibration.md). The Attribute page shows where its lambda came
+from; a lambda you set is kept until you reset it.
 """)
 
 st.subheader("Data and licences")

@@ -1,4 +1,10 @@
-"""Attribute: which training images made this image? (the landing page)"""
+"""Attribute: which training images made this image? (the landing page)
+
+Written for someone who has never heard of attribution: the target, the training images that
+made it most likely (named, with their relative strength), each artist's share beside their
+share of the data, three sentences on what it means and how sure it is. The method and its
+settings sit in the "Advanced" panel; lambda defaults to the model's calibration.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from dtrak_app import common as c
 from dtrak_app import views
 from dtrak_app.text import md_escape
 from dtrak_core.attribution.methods import METHODS, FeaturesNotReady
-from dtrak_core.attribution.results import most_neutral, score_table, top_opponents, top_proponents
+from dtrak_core.attribution.results import empty_list_reason, most_neutral, top_opponents, top_proponents
 
 c.require_access()  # first: a page may run without app.py (see require_access)
 
@@ -21,7 +27,8 @@ if ctx is None:
     st.stop()
 
 target = c.pick_target(ctx)
-method_name, K, k, lam = c.method_settings()
+settings = c.method_settings(ctx)
+method_name, K, k, lam = settings.method, settings.K, settings.k, settings.lam
 c.sync_url()
 if target is None:
     st.stop()
@@ -44,41 +51,68 @@ except ValueError as error:
     st.error(md_escape(error))
     st.stop()
 
-label = METHODS[shown_method].label
-table = score_table(scores, ctx.train.metadata, ctx.train.label_column)
+spec = METHODS[shown_method]
+label = spec.label
+table = views.result_table(scores, ctx)
 proponents, opponents = top_proponents(table, TOP), top_opponents(table, TOP)
 neutral = most_neutral(table, NEUTRAL)
+label_name = ctx.train.label_column or "label"
 
+if shown_method == "random":
+    st.warning("**Random scores: a sanity check, not a result.** They show what chance looks like; any real "
+               "method must do clearly better. Pick D-TRAK under Advanced for the real attribution.")
+elif shown_method == "pixel" and method_name == "pixel":
+    st.info("**Raw pixel similarity: a baseline.** It ranks training images by how alike their pixels look, "
+            "knowing nothing of the model.")
+
+settings_line = f"Method: **{md_escape(label)}**"
+if spec.uses_lambda:
+    settings_line += f" · lambda {lam:.3g} ({md_escape(settings.record(shown_method)['lambda_source'])})"
 left, right = st.columns([1, 3])
 with left:
     st.subheader("Target")
     st.image(c.pixel_image_url(target.image, 256), caption=md_escape(target.label))
     if target.note:
         st.caption(md_escape(target.note))
-    st.caption(f"Method: **{label}** · {METHODS[shown_method].summary}")
+    st.caption(f"{settings_line} · {md_escape(spec.summary)}")
 with right:
-    st.subheader(f"Top {len(proponents)} proponents")
-    views.tiles(ctx.train.images, proponents)
-st.subheader(f"Top {len(opponents)} opponents")
-views.tiles(ctx.train.images, opponents)
-st.subheader(f"The {len(neutral)} most neutral")
-views.tiles(ctx.train.images, neutral, columns=NEUTRAL)
+    st.subheader("The training images that made this image most likely")
+    st.caption("Strength: each image's score as a share of the strongest score. Hover a name's (?) for its file "
+               "and raw score.")
+    views.tiles(ctx.train.images, proponents, empty=empty_list_reason(table, "proponents") or "")
 
 charts = st.columns(2)
-charts[0].plotly_chart(views.score_histogram(
+with charts[0]:
+    sentence = views.artist_sentence(table, TOP, label_name)
+    if sentence is not None:
+        st.markdown(f"**{md_escape(sentence)}**")
+    artists = views.artist_chart(table, TOP, label_name)
+    if artists is not None:
+        st.plotly_chart(artists, width="stretch")
+    else:
+        st.caption("The training images have no artist or label column, so there is no breakdown by artist.")
+charts[1].plotly_chart(views.score_histogram(
     table, {"proponents": proponents, "opponents": opponents, "neutral": neutral},
-    f"All {len(table)} scores ({label})"), width="stretch")
-artists = views.artist_chart(table, TOP)
-if artists is not None:
-    charts[1].plotly_chart(artists, width="stretch")
+    f"All {len(table)} training images ({label})"), width="stretch")
 st.markdown(views.MEANING)
+st.markdown(views.how_sure(c.measured_lds(ctx, shown_method, K), label, shown_method,
+                           lam if spec.uses_lambda else None))
+
+st.subheader("Training images that made it less likely (opponents)")
+views.tiles(ctx.train.images, opponents, empty=empty_list_reason(table, "opponents") or "")
+st.subheader("No measurable effect (the most neutral)")
+views.tiles(ctx.train.images, neutral, columns=NEUTRAL, empty=empty_list_reason(table, "neutral") or "")
 
 st.subheader("Export")
+info = views.ExportInfo.now(target.label, ctx.entry.name, settings.record(shown_method))
 exports = st.columns(2)
 stem = f"{ctx.entry.name}-{target.label.replace(' ', '-')}-{shown_method}"
-exports[0].download_button("Score table (CSV)", table.to_csv(index=False).encode(), f"{stem}.csv", "text/csv")
-exports[1].download_button("Attribution card (PNG)",
-                           views.card_png(target, table, ctx.train.images, label, ctx.entry.name),
-                           f"{stem}.png", "image/png")
-with st.expander("All scores"):
+exports[0].download_button("Score table (CSV)", views.export_table(table, info).to_csv(index=False).encode(),
+                           f"{stem}.csv", "text/csv")
+if proponents.empty:
+    exports[1].caption("No attribution card: no training image has a positive score.")
+else:
+    exports[1].download_button("Attribution card (PNG)", views.card_png(target, table, ctx.train.images, info),
+                               f"{stem}.png", "image/png")
+with st.expander("All scores (raw)"):
     st.dataframe(table, hide_index=True, width="stretch")

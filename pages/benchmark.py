@@ -1,13 +1,13 @@
 """Benchmark: the LDS of every method, with CIs, and for one target its datamodel scatter.
 
 Reads a stored LDS build (``benchmarks/lds/emoji3-mini`` or ``DTRAK_LDS_DIR``): the results of
-``python -m dtrak_core lds score`` and the measured subset outputs. Nothing is computed here
-beyond a Spearman correlation, so the page loads instantly.
+``python -m dtrak_core lds score`` (verified against their checksums) and the measured subset
+outputs. Nothing is computed here beyond a Spearman correlation, so the page loads instantly.
+The page names the model the build measured, and shows its tables whole (static tables, no scrolling).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,12 +18,15 @@ import streamlit as st
 
 from dtrak_app import common as c
 from dtrak_app.text import md_escape, plotly_text
-from dtrak_core.evaluation.lds.config import TARGET_KINDS
+from dtrak_core import registry
+from dtrak_core.evaluation.lds.config import TARGET_KINDS, read_build
 from dtrak_core.evaluation.lds.outputs import load_outputs
 from dtrak_core.evaluation.lds.report import PAPER_LDS
-from dtrak_core.evaluation.lds.scores import DEFAULT_GRID, PREDICTIONS_FILE, RESULTS_FILE, results_match_targets
+from dtrak_core.evaluation.lds.scores import (DEFAULT_GRID, PREDICTIONS_FILE, RESULTS_FILE, read_results,
+                                              results_match_targets)
 from dtrak_core.evaluation.lds.targets import Targets
 from dtrak_core.evaluation.metrics import spearman
+from dtrak_core.models import pipeline_files_hash
 from dtrak_core.paths import REPO_ROOT
 
 c.require_access()  # first: a page may run without app.py (see require_access)
@@ -37,12 +40,31 @@ def build_dir() -> Path:
 
 @st.cache_data(max_entries=8)
 def load(folder: str, stamp: float) -> tuple[dict, dict[str, np.ndarray]]:
-    """Results and predictions of a build; ``stamp`` (the results file's mtime) renews the cache."""
-    root = Path(folder) / "results"
-    results = json.loads((root / RESULTS_FILE).read_text())
-    with np.load(root / PREDICTIONS_FILE) as data:
+    """Results and predictions of a build, both verified (``read_results``: the predictions file
+    against the checksum the results hold); ``stamp`` (the results file's mtime) renews the cache."""
+    results = read_results(folder)
+    with np.load(Path(folder) / "results" / PREDICTIONS_FILE) as data:
         predictions = {key: np.asarray(data[key]) for key in data.files}
     return results, predictions
+
+
+@st.cache_data(max_entries=32)
+def _files_hash(model_dir: str, stamp: float) -> str | None:
+    try:
+        return pipeline_files_hash(model_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def model_name(build: dict) -> str:
+    """What the build measured, in words: the registered model with its weights (by files hash),
+    else the folder it records; with the first characters of the hash."""
+    wanted = str(build.get("model_hash", ""))
+    for entry in registry.list_models(c.cache_root()):
+        index = Path(entry.model_dir) / "model_index.json"
+        if index.exists() and _files_hash(entry.model_dir, index.stat().st_mtime) == wanted:
+            return f"{entry.name} (weights {wanted[:10]})"
+    return f"the model in {build.get('model_dir', '?')} (weights {wanted[:10]}; not registered here)"
 
 
 @st.cache_data(max_entries=8)
@@ -63,7 +85,8 @@ def table(results: dict) -> pd.DataFrame:
             row[f"LDS % ({kind})"] = round(100 * r["mean"], 1) if measured else None
             row[f"95% CI ({kind})"] = (f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" if measured
                                        else "pending")
-        row["paper val / gen (CIFAR-2)"] = " / ".join(x or "-" for x in PAPER_LDS.get(entry.name, (None, None)))
+        # an en dash, not "-": st.table renders cells as Markdown, where "- " starts a list
+        row["paper val / gen (CIFAR-2)"] = " / ".join(x or "–" for x in PAPER_LDS.get(entry.name, (None, None)))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -106,16 +129,23 @@ def bar_chart(results: dict) -> go.Figure:
 
 
 st.title("Benchmark")
+folder = build_dir()
 st.caption("Linear Datamodeling Score: retrain on many random halves of the training set, measure each model's "
            "loss on a target, and ask how well the sum of a method's scores over each half predicts it "
            "(Spearman correlation over the halves; higher is better, random = 0).")
-folder = build_dir()
 results_path = folder / "results" / RESULTS_FILE
 if not results_path.exists():
     st.info(f"No LDS results in {md_escape(folder)} yet. Build and score them with `python -m dtrak_core lds build`, "
             "`lds attribute` and `lds score` (see docs/benchmarks/lds.md).")
     st.stop()
-results, predictions = load(str(folder), results_path.stat().st_mtime)
+try:
+    build = read_build(folder)
+    results, predictions = load(str(folder), results_path.stat().st_mtime)
+except (OSError, ValueError) as error:  # a damaged or half-written build: say which file, never show it
+    st.error(md_escape(error))
+    st.stop()
+st.subheader(f"Model: {md_escape(model_name(build))}")
+st.caption(f"LDS build {md_escape(folder.name)} ({md_escape(folder)}).")
 progress = results["progress"]
 report = progress["report"]
 done = report["models_done"] == report["models_total"] and progress["tune"]["models_done"] == progress["tune"]["models_total"]
@@ -123,13 +153,14 @@ done = report["models_done"] == report["models_total"] and progress["tune"]["mod
     f"{'Complete' if done else 'Partial'}: {report['subsets_with_any_seed']} of {report['subsets']} reported subsets "
     f"measured ({report['models_done']} of {report['models_total']} models), "
     f"{progress['tune']['subsets_with_any_seed']} of {progress['tune']['subsets']} tuning subsets.")
-st.dataframe(table(results), hide_index=True)
+# Static tables: every row and column whole, text wrapped (a dataframe scrolled and cut them).
+st.table(table(results).style.format(precision=1, na_rep="–"), hide_index=True)
 st.plotly_chart(bar_chart(results), width="stretch")
 if results.get("ordering"):
     st.subheader("The paper's ordering, checked")
     st.caption("Each claim compares two methods on the same targets and subsets: the LDS difference in points with a "
                "95% paired bootstrap CI over subsets. 'holds' means the whole CI is above 0.")
-    st.dataframe(ordering_table(results["ordering"]), hide_index=True)
+    st.table(ordering_table(results["ordering"]).style.format(precision=1, na_rep="–"), hide_index=True)
 
 st.subheader("One target: predicted vs actual")
 measured = [e for e in DEFAULT_GRID

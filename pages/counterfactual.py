@@ -3,10 +3,14 @@
 Stored results (``benchmarks/counterfactual/<model>/``, or ``DTRAK_COUNTERFACTUAL_DIR``) load
 instantly; a new experiment (one retrain, minutes on a CPU) runs as a background job through
 ``dtrak_core.jobs``, so it survives reloads and is never started twice.
+
+The page opens on a model that has stored experiments (unless a link names the model), lists only
+records that pass their checksums, and opens a record's images only inside its results folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,10 +21,11 @@ from PIL import Image
 
 from dtrak_app import common as c
 from dtrak_app.text import md_escape
-from dtrak_core import jobs
+from dtrak_core import jobs, registry
 from dtrak_core.evaluation.counterfactual import (DEFAULT_FRACTION, CounterfactualConfig, difference_cell,
                                                   load_results, paired_comparisons, resolve_k, stored_result,
                                                   summarize)
+from dtrak_core.models import pipeline_files_hash
 from dtrak_core.paths import REPO_ROOT
 
 c.require_access()  # first: a page may run without app.py (see require_access)
@@ -49,15 +54,72 @@ def removal_label(method: str, markdown: bool = False) -> str:
     return f"every image by {md_escape(artist) if markdown else artist}"
 
 
-def show_record(record: dict, title: str) -> None:
-    """Before / after images and the two metrics of one stored experiment (``title``: Markdown)."""
+@st.cache_data(max_entries=32)
+def has_records(folder: str, model_dir: str, stamp: float) -> bool:
+    """Whether ``folder`` holds a record of the model in ``model_dir`` (by its files hash; a quick
+    look at the records' model_hash, not a verification); ``stamp`` renews the cache."""
+    try:
+        wanted = pipeline_files_hash(model_dir)
+    except (OSError, ValueError):
+        return False
+    for path in sorted(Path(folder).glob("seed-*/*.json")):
+        try:
+            if json.loads(path.read_text()).get("model_hash") == wanted:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def open_on_a_model_with_results() -> None:
+    """On the page's first visit in a session, switch to the first model with stored experiments
+    when the model in view has none (a link that names its model is obeyed)."""
+    c.init_state()
+    if st.session_state.get("_cf_opened"):
+        return
+    st.session_state["_cf_opened"] = True
+    if st.session_state.get("_model_from_link"):
+        return
+    try:
+        entries = registry.list_models(c.cache_root())
+    except ValueError:
+        return  # model_context says what is wrong with the registry
+
+    def stored(entry: registry.ModelEntry) -> bool:
+        folder = results_dir(entry.model_dir)
+        return folder.is_dir() and has_records(str(folder), entry.model_dir, folder.stat().st_mtime)
+
+    current = next((e for e in entries if e.name == st.session_state.get("model")), entries[0] if entries else None)
+    if current is None or stored(current):
+        return
+    chosen = next((e for e in entries if stored(e)), None)
+    if chosen is not None:
+        st.session_state["model"] = chosen.name
+        st.session_state["_cf_switched"] = (current.name, chosen.name)
+
+
+def record_image(record: dict, name: str, root: Path) -> np.ndarray | None:
+    """The record's image ``name`` ("before_png"/"after_png"), opened only when it lies inside the
+    results folder ``root`` (a record names its images; a rewritten one could name any file)."""
+    path = (Path(record["folder"]) / str(record[name])).resolve()
+    if not path.is_relative_to(root.resolve()):
+        return None
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def show_record(record: dict, title: str, root: Path) -> None:
+    """Before / after images and the two metrics of one stored experiment (``title``: Markdown),
+    its images read from inside ``root`` only."""
     st.markdown(f"**{title}**")
-    folder = Path(record["folder"])
     cols = st.columns(2)
-    cols[0].image(c.pixel_image_url(np.asarray(Image.open(folder / record["before_png"]).convert("RGB")), 160),
-                  caption="before (full training set)")
-    cols[1].image(c.pixel_image_url(np.asarray(Image.open(folder / record["after_png"]).convert("RGB")), 160),
-                  caption=f"after removing {record['k']} images")
+    for column, name, caption in ((cols[0], "before_png", "before (full training set)"),
+                                  (cols[1], "after_png", f"after removing {record['k']} images")):
+        image = record_image(record, name, root)
+        if image is None:
+            column.warning(f"Not shown: the record names {md_escape(record[name])}, outside its results folder "
+                           f"{md_escape(root)}.")
+        else:
+            column.image(c.pixel_image_url(image, 160), caption=caption)
     has_cosine = "embedding_cosine" in record
     metrics = st.columns(3 if has_cosine else 2)
     metrics[0].metric("pixel L2 (higher = bigger change)", f"{record['pixel_l2']:.3f}")
@@ -100,9 +162,14 @@ st.title("Counterfactual check")
 st.caption("Remove the training images a method blames for a generated image, retrain from scratch with the same "
            "recipe and seed, regenerate from the same seed (DDIM 50 steps, eta 0), and see what changed. A good "
            "attribution changes the image more than removing as many random images.")
+open_on_a_model_with_results()
 ctx = c.model_context()
 if ctx is None:
     st.stop()
+switched = st.session_state.pop("_cf_switched", None)  # said once, on the visit that switched
+if switched and switched[1] == ctx.entry.name:
+    st.info(f"Showing {md_escape(switched[1])}, the model with stored experiments ({md_escape(switched[0])} has "
+            "none yet); pick another model in the sidebar.")
 
 n = len(ctx.train)
 artists = sorted(set(ctx.train.labels or []))
@@ -138,7 +205,7 @@ left, right = st.columns(2)
 with left:
     record = stored_result(config, n, ctx.files_hash)
     if record is not None:
-        show_record(record, label_md)
+        show_record(record, label_md, folder)
     else:
         st.markdown(f"**{label_md}**")
         st.image(c.pixel_image_url(c.samples(ctx.entry.model_dir, ctx.files_hash, (seed,))[0], 160),
@@ -150,7 +217,7 @@ with right:
     else:
         base = stored_result(baseline, n, ctx.files_hash)
         if base is not None:
-            show_record(base, f"baseline: {base['k']} random images")
+            show_record(base, f"baseline: {base['k']} random images", folder)
             if record is not None:
                 delta = record["pixel_l2"] - base["pixel_l2"]
                 st.caption(f"{label_md} changed the image {'more' if delta > 0 else 'less'} than the random baseline "
@@ -160,7 +227,7 @@ with right:
             st.caption("No stored baseline for this seed and k yet.")
             run_or_progress(baseline, f"{baseline.k} random images", f"{baseline.k} random images")
 
-records = [r for r in load_results(folder) if r.get("model_hash") == ctx.files_hash]
+records = [r for r in load_results(folder, skip_corrupt=True) if r.get("model_hash") == ctx.files_hash]
 st.subheader("All stored experiments of this model")
 if records:
     summary = pd.DataFrame(summarize(records)).drop(columns=["method"])

@@ -59,7 +59,8 @@ method_name = st.selectbox("Scores of method", list(METHODS), key="browse_method
                            format_func=lambda m: METHODS[m].label,
                            index=list(METHODS).index(st.session_state.get("method", "dtrak")))
 method = METHODS[method_name]
-K, k, lam = int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
+K, k = int(st.session_state["K"]), int(st.session_state["k"])
+lam = c.effective_lambda(ctx, method_name, K, k)  # the lambda the Attribute page scores with
 left, right = st.columns([1, 3])
 with left:
     st.image(c.pixel_image_url(ctx.train.images[chosen], 192), caption=md_escape(describe(chosen)))

@@ -29,7 +29,7 @@ class EvalEnv:
     def variables(self) -> dict[str, str]:
         return {"DTRAK_MODEL_DIR": str(self.model_dir), "DTRAK_MODEL_NAME": "tiny", "DTRAK_HIDE_DEMO": "1",
                 "DTRAK_CACHE": str(self.cache), "DTRAK_DATA_DIR": "", "DTRAK_LDS_DIR": str(self.lds_dir),
-                "DTRAK_COUNTERFACTUAL_DIR": str(self.cf_dir)}
+                "DTRAK_COUNTERFACTUAL_DIR": str(self.cf_dir), "DTRAK_TOKEN": ""}
 
 
 @pytest.fixture(scope="session")

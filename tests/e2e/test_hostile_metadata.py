@@ -166,7 +166,7 @@ def test_hostile_metadata_shows_literally_and_requests_nothing_elsewhere(tmp_pat
     with serving(env.variables(), tmp_path / "streamlit.log") as url, browser_page(url) as (page, foreign):
         page.add_init_script("window.alert = () => { window.__pwned = true; }")
         page.goto(f"{url}/?K={FAST['K']}&k={FAST['k']}", timeout=90_000)
-        expect(page.get_by_text("Top 10 proponents")).to_be_visible(timeout=90_000)
+        expect(page.get_by_text("The training images that made this image most likely")).to_be_visible(timeout=90_000)
         settled(page)
         page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="stImage"] img')]
                                  .every(img => img.complete)""", timeout=90_000)
@@ -174,7 +174,13 @@ def test_hostile_metadata_shows_literally_and_requests_nothing_elsewhere(tmp_pat
         captions = read(page.locator('[data-testid="stCaptionContainer"]').all_inner_texts())
         for artist in (values["artist"], values["artist2"]):
             assert artist in captions, captions
-        assert f"{values['folder']}/x*_[0]_.png" in captions and "x*_[1]_.png" in captions
+        assert captions.count(values["name"]) == 10, captions  # the proponents are named by "name"
+        # A name's help tooltip gives the file name, literally too.
+        page.locator('[data-testid="stCaptionContainer"]', has_text="na`me` ``").first.locator(
+            '[data-testid="stTooltipIcon"], [data-testid="stTooltipHoverTarget"]').first.hover()
+        tooltip = page.locator('[data-testid="stTooltipContent"]').first
+        expect(tooltip).to_be_visible(timeout=30_000)
+        assert f"file {values['folder']}/x*_[" in read([tooltip.inner_text()])
         no_foreign_markup(page, url)
 
         page.get_by_role("link", name="Training data").first.click(timeout=90_000)
