@@ -248,7 +248,13 @@ def read_result(path: str | Path) -> dict | None:
     record = read_record(path, REDO_RESULT)
     if record is not None:
         for name in ("before_png", "after_png"):
-            check_file(path.parent / record[name], record.get(IMAGES_CHECKSUMS, {}).get(record[name]), REDO_RESULT)
+            image = path.parent / str(record[name])
+            # A record names its images beside it; a path that leaves the folder is a damaged (or
+            # hostile) record, refused before anything outside is opened.
+            if image.resolve().parent != path.parent.resolve():
+                raise CorruptUnitError(f"{path}: {name} {record[name]!r} is not a file beside the record; "
+                                       f"{REDO_RESULT}")
+            check_file(image, record.get(IMAGES_CHECKSUMS, {}).get(record[name]), REDO_RESULT)
     return record
 
 
