@@ -1,4 +1,4 @@
-"""Pieces of result views shared by pages: image tiles, charts, progress fragments."""
+"""Pieces of result views shared by pages: image tiles, charts (feature progress: feature_jobs)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import streamlit as st
 from dtrak_app import common as c
 from dtrak_app.card import CardEntry, render_card
 from dtrak_app.text import md_escape, plotly_text
-from dtrak_core import jobs
-from dtrak_core.attribution.methods import METHODS
-from dtrak_core.attribution.dataset_features import feature_status
 from dtrak_core.attribution.results import artist_shares, top_proponents
 
 MEANING = (
@@ -83,18 +80,3 @@ def card_png(target: c.Target, table: pd.DataFrame, train_images: np.ndarray, me
     card.save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def wait_for_features(ctx: c.Context, job: jobs.Job, method_name: str, K: int, k: int) -> None:
-    """Training-feature progress that refreshes itself every 2 s and reruns the page when ready."""
-    method = METHODS[method_name]
-    settings = c.feature_settings(method, K, k)
-
-    @st.fragment(run_every=2.0)
-    def progress() -> None:
-        current = jobs.get_job(job.key, c.cache_root() / "jobs") or job
-        status = feature_status(ctx.model, ctx.train, settings, c.cache_root() / "features")
-        if status.state == "complete":
-            st.rerun(scope="app")
-        c.show_feature_job(ctx, current, method, K, k)
-
-    progress()
