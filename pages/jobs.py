@@ -52,11 +52,11 @@ def job_row(job: jobs.Job) -> None:
         if job.active:
             if st.button("Cancel", key=f"cancel_{job.key}"):
                 jobs.cancel(job.key, root)
-                st.rerun(scope="fragment")
+                st.rerun()
         elif st.button("Restart", key=f"restart_{job.key}",
                        help="run the same command again (a finished job's output is reused where it is intact)"):
             jobs.restart(job.key, root)
-            st.rerun(scope="fragment")
+            st.rerun()
         with st.expander("Command and log"):
             st.code("python -m dtrak_core " + " ".join(job.args), language="bash")
             st.code(job.log_tail(30) or "(no output yet)")
@@ -76,7 +76,7 @@ def job_list() -> None:
     if head[1].button("Clear finished", disabled=not finished,
                       help="forget done, failed and cancelled jobs (their results stay in the cache)"):
         jobs.clear_finished(root)
-        st.rerun(scope="fragment")
+        st.rerun()
     # Running first, then the queue in the order it runs, then finished jobs, newest first.
     rank = {"running": 0, "queued": 1}
     for job in sorted(listed, key=lambda j: (rank.get(j.state, 2), (j.submitted or 0) * (1 if j.active else -1))):
