@@ -38,9 +38,10 @@ check-host:
 	    "or leave HOST at 127.0.0.1 (see README, Threat model)" >&2; exit 2; fi ;; esac
 
 # What the first page load shows, computed once (a few seconds when already done): the default
-# model's training features at the default settings, its gallery samples, its default lambda.
+# model's training features at the default settings, its gallery samples, its default lambda and
+# the first target's scores. A failure is reported and ignored: the app then offers to compute.
 prepare: install data
-	$(PY) -m dtrak_app.prepare
+	-$(PY) -m dtrak_app.prepare
 
 run: check-host install data prepare
 	$(VENV)/bin/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true

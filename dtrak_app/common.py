@@ -4,8 +4,9 @@ Caching (why each): models and training sets are ``st.cache_resource`` keyed by 
 folder's content hash, so a model that is retrained in place is reloaded, and moving between
 targets never reloads or re-featurizes anything; featurizers and kernel decompositions live in
 one process-wide :class:`~dtrak_core.attribution.methods.MethodCache`; training features come
-from the feature store on disk (computed by a background job); score vectors of every target
-are kept in a :class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
+from the feature store on disk (computed by ``dtrak_app.prepare``, or by a job the user starts:
+``dtrak_app.feature_jobs``); score vectors of every target are kept in a
+:class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
 """
 
 from __future__ import annotations

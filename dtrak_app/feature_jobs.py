@@ -282,17 +282,17 @@ def format_bytes(count: float) -> str:
 
 
 def describe_work(status: FeatureStatus, estimate: Estimate | None) -> str:
-    """One sentence: images to compute, and the time and memory estimate (or why there is none)."""
+    """One sentence: the images to featurize, and the time and memory estimate (or why there is none)."""
     todo = status.rows - status.rows_done
     images = f"{status.rows} training images" if status.rows_done == 0 else \
         f"{todo} of {status.rows} training images ({status.rows_done} are stored)"
     if estimate is None:
-        return f"{images}; measuring the time and memory it needs on this model..."
+        return f"To compute: {images} (timing {PROBE_IMAGES} of them on this model to estimate time and memory...)."
     if estimate.error:
-        return f"{images}; no estimate ({md_escape(estimate.error)})"
-    return (f"{images}, about {c.format_seconds(todo * estimate.seconds_per_image)} on this machine and "
-            f"{format_bytes(estimate.peak_bytes)} of memory at the peak (timed on {estimate.probe_images} "
-            f"images of this model)")
+        return f"To compute: {images} (no estimate: {md_escape(estimate.error)})."
+    return (f"To compute: {images}, about {c.format_seconds(todo * estimate.seconds_per_image)} on this machine "
+            f"now and {format_bytes(estimate.peak_bytes)} of memory at the peak (measured by featurizing "
+            f"{estimate.probe_images} of them).")
 
 
 def queue_ahead(root: Path) -> str:
@@ -346,7 +346,7 @@ def wait_for_features(ctx: c.Context, pending: Pending, method_name: str, K: int
             st.warning(f"Computing the training features for {what} was cancelled.{meanwhile}")
         else:
             st.info(f"The training features for {what} are not ready yet.{meanwhile}")
-        st.markdown(f"Computing them takes {describe_work(status, estimate)}.{queue_ahead(jobs_root())}")
+        st.markdown(describe_work(status, estimate) + queue_ahead(jobs_root()))
         again = job is not None and job.state in ("failed", "cancelled")
         if st.button("Start again" if again else "Start computing", key=f"start_{place}{key}", type="primary"):
             start_features(ctx, settings, key)

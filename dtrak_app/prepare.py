@@ -11,7 +11,9 @@ shows real D-TRAK results instead of a wait:
 2. the gallery samples (``GALLERY_SEEDS``, DDIM from fixed seeds; the samples folder, keyed by
    the model's files hash, every image checked against its recorded sha256);
 3. the model's default lambda for the default method (``dtrak_core.evaluation.calibration``,
-   cached beside the features' key).
+   cached beside the features' key);
+4. the default target's scores (gallery seed 0) at that lambda, in the app's score cache (keyed
+   by the hashes of model, data, method, feature settings and lambda).
 
 Each step is a no-op when its output is already stored and intact (a second run loads the model,
 verifies the stores and prints the same summary). Progress bars are tqdm's; the last line is a
@@ -33,7 +35,8 @@ import streamlit.logger
 # expected here (nothing is cached in this process), so not worth a line of `make run`'s output.
 streamlit.logger.set_log_level("error")
 
-from dtrak_app.common import DEFAULTS, GALLERY_SEEDS, SAMPLER, feature_settings  # noqa: E402
+from dtrak_app.common import (DEFAULTS, GALLERY_SEEDS, SAMPLER, Context, Target,  # noqa: E402
+                              feature_settings, method_cache, samples, scores_for)
 from dtrak_core import paths, registry
 from dtrak_core.attribution.dataset_features import feature_status
 from dtrak_core.attribution.loading import load_model, load_training_set
@@ -102,7 +105,7 @@ def _recorded_seeds(index: Path) -> set[int]:
 
 
 def prepare(name: str | None = None, progress: bool = True) -> Prepared:
-    """Compute (or find) the first view's training features, gallery samples and calibration."""
+    """Compute (or find) the first view's training features, gallery samples, calibration and scores."""
     start = time.perf_counter()
     entry = default_entry(name)
     try:
@@ -122,7 +125,14 @@ def prepare(name: str | None = None, progress: bool = True) -> Prepared:
     recorded = _recorded_seeds(folder / SAMPLES_FILE)
     generate_to_folder(entry.model_dir, GALLERY_SEEDS, SAMPLER, folder, progress=progress)
     samples_computed = not set(GALLERY_SEEDS) <= recorded
-    calibration = calibrate(features, method.name, files_hash, settings_are_lds_defaults=True)
+    kernel = method_cache().kernel(features)  # one decomposition for the calibration and the scores
+    calibration = calibrate(features, method.name, files_hash, settings_are_lds_defaults=True, kernel=kernel)
+    # The default target's scores at the calibrated lambda, in the app's score cache: the first view
+    # then needs neither the featurizer nor the kernel (a link with another lambda scores as usual).
+    seed = int(DEFAULTS["seed"])
+    image = samples(entry.model_dir, files_hash, (seed,))[0]
+    scores_for(Context(entry, model, train, files_hash), Target(image, f"seed {seed}", seed), method.name,
+               DEFAULTS["K"], DEFAULTS["k"], calibration.lam)
     return Prepared(entry.name, len(train), todo, len(GALLERY_SEEDS), samples_computed, calibration,
                     time.perf_counter() - start)
 

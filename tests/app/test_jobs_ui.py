@@ -177,8 +177,8 @@ def test_the_estimate_is_measured_on_the_model_and_shown(cache, env, monkeypatch
     assert estimate.seconds_per_image == 1.5 and estimate.probe_images == 2 and estimate.probe_timesteps == 2
     assert estimate.peak_bytes == 1_000_000_000 + 15 * 100_000_000 + 20 * 256 * 4
     app = run(method="trak")
-    assert ("Computing them takes 20 training images, about 30 s on this machine and 2.5 GB of memory at the "
-            "peak (timed on 2 images of this model).") in texts(app, "markdown")
+    assert ("To compute: 20 training images, about 30 s on this machine now and 2.5 GB of memory at the peak "
+            "(measured by featurizing 2 of them).") in texts(app, "markdown")
     # A torn or edited file is not an estimate.
     out.write_text(out.read_text().replace("1.5", "0.5"))
     assert feature_jobs.read_estimate(key) is None
