@@ -127,12 +127,14 @@ def prepare(name: str | None = None, progress: bool = True) -> Prepared:
     samples_computed = not set(GALLERY_SEEDS) <= recorded
     kernel = method_cache().kernel(features)  # one decomposition for the calibration and the scores
     calibration = calibrate(features, method.name, files_hash, settings_are_lds_defaults=True, kernel=kernel)
-    # The default target's scores at the calibrated lambda, in the app's score cache: the first view
-    # then needs neither the featurizer nor the kernel (a link with another lambda scores as usual).
+    # The default target's scores at the calibrated lambda (and at the app's fixed default, where it
+    # still has one), in the app's score cache: the first view then needs neither the featurizer
+    # nor the kernel (a link with another lambda scores as usual).
     seed = int(DEFAULTS["seed"])
-    image = samples(entry.model_dir, files_hash, (seed,))[0]
-    scores_for(Context(entry, model, train, files_hash), Target(image, f"seed {seed}", seed), method.name,
-               DEFAULTS["K"], DEFAULTS["k"], calibration.lam)
+    target = Target(samples(entry.model_dir, files_hash, (seed,))[0], f"seed {seed}", seed)
+    for lam in dict.fromkeys(x for x in (calibration.lam, DEFAULTS.get("lambda")) if x is not None):
+        scores_for(Context(entry, model, train, files_hash), target, method.name, DEFAULTS["K"], DEFAULTS["k"],
+                   float(lam))
     return Prepared(entry.name, len(train), todo, len(GALLERY_SEEDS), samples_computed, calibration,
                     time.perf_counter() - start)
 
