@@ -8,7 +8,7 @@ PORT ?= 8501
 DATA := cache/emoji3/metadata.csv
 DATA16 := cache/emoji3-16/metadata.csv
 
-.PHONY: install data check-host run test demo-model mini-model sd-demo-model clean
+.PHONY: install data prepare check-host run test demo-model mini-model sd-demo-model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,13 @@ check-host:
 	    "(python3 -c 'import secrets; print(secrets.token_urlsafe(24))') and open the app with ?token=<it>," \
 	    "or leave HOST at 127.0.0.1 (see README, Threat model)" >&2; exit 2; fi ;; esac
 
-run: check-host install data
+# What the first page load shows, computed once (a few seconds when already done): the default
+# model's training features at the default settings, its gallery samples, its default lambda and
+# the first target's scores. A failure is reported and ignored: the app then offers to compute.
+prepare: install data
+	-$(PY) -m dtrak_app.prepare
+
+run: check-host install data prepare
 	$(VENV)/bin/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true
 
 test: install data

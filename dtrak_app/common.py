@@ -4,8 +4,9 @@ Caching (why each): models and training sets are ``st.cache_resource`` keyed by 
 folder's content hash, so a model that is retrained in place is reloaded, and moving between
 targets never reloads or re-featurizes anything; featurizers and kernel decompositions live in
 one process-wide :class:`~dtrak_core.attribution.methods.MethodCache`; training features come
-from the feature store on disk (computed by a background job); score vectors of every target
-are kept in a :class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
+from the feature store on disk (computed by ``dtrak_app.prepare``, or by a job the user starts:
+``dtrak_app.feature_jobs``); score vectors of every target are kept in a
+:class:`~dtrak_app.score_cache.ScoreCache` for reverse lookups.
 """
 
 from __future__ import annotations
@@ -144,33 +145,52 @@ def require_access() -> None:
 
 # ----------------------------------------------------------------------------- URL state
 
+#: How a URL parameter's expected type reads in a warning.
+KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
+
+
 def _parse(name: str, text: str, kind: type):
     try:
         return kind(text)
     except (TypeError, ValueError):
-        st.warning(f"Ignoring the link's {name}={md_escape(repr(text))}: expected a {kind.__name__}.")
+        st.warning(f"Ignoring the link's {name}={md_escape(repr(text))}: expected {KIND_NAMES[kind]}.")
         return DEFAULTS[name]
 
 
 #: Settings every page reads, held in session state under their widgets' keys.
 SHARED_STATE = ("model", "method", "target", "seed", "K", "k", "lambda")
+#: The app's own copy of the shared settings: a plain session-state entry no widget owns.
+_SHARED = "_shared_settings"
 
 
 def keep_shared_state() -> None:
-    """Keep the shared settings alive across pages; called by ``app.py`` at the start of every run.
+    """Keep the shared settings alive across pages; called by ``app.py`` at the start of every run,
+    and again by :func:`init_state` before a page draws a widget: Streamlit runs a page of
+    ``pages/`` without ``app.py`` until ``app.py`` has run once in the server (and in every
+    AppTest run after the first). Calling it twice in a run changes nothing.
 
     A widget owns its session-state key, and Streamlit deletes that key at the end of a run in
-    which the widget was not drawn (the run of another page), so the next page that reads "k"
-    failed with a KeyError. A key assigned by code in the run is kept: re-assigning each shared
-    setting to itself is Streamlit's documented way to keep widget values across pages.
+    which the widget was not drawn (the run of another page), so the next page that read "k"
+    failed with a KeyError. Re-assigning a key to itself no longer keeps it (Streamlit 1.67 files
+    the value under the widget's id, which the same clean-up removes). So the app keeps its own
+    copy, in an entry no widget owns: each run starts by taking the widgets' latest values into
+    it and assigning them back to the widget keys (those Streamlit deleted too) before any widget
+    is drawn, so whichever page's widget draws next shows the value.
     """
+    own = st.session_state.setdefault(_SHARED, {})
     for name in SHARED_STATE:
         if name in st.session_state:
-            st.session_state[name] = st.session_state[name]
+            own[name] = st.session_state[name]
+        if name in own:
+            # Assigned in every run: another page's widget of the same key is another widget (another
+            # id), which takes its first value from a key assigned in the run, else from its default.
+            st.session_state[name] = own[name]
 
 
 def init_state() -> None:
-    """Seed the widgets' session state from the URL once per session (a link reproduces a view)."""
+    """Seed the widgets' session state from the URL once per session (a link reproduces a view);
+    first, keep the shared settings (a page may run without app.py: see ``keep_shared_state``)."""
+    keep_shared_state()
     if st.session_state.get("_url_loaded"):
         return
     q = st.query_params
@@ -294,12 +314,12 @@ def _register_form() -> None:
 def model_context() -> Context | None:
     """Sidebar model picker (+ registration); the loaded model and training set, or None after an error."""
     init_state()
+    _register_form()  # first: a model registered by this run is then listed (and chosen) below
     try:
         entries = registry.list_models(cache_root())
     except ValueError as error:
         st.error(md_escape(error))
         return None
-    _register_form()
     if not entries:
         st.info("No model yet. Train the demo with `make demo-model`, or register a pipeline folder and "
                 "its training images in the sidebar.")
@@ -641,16 +661,6 @@ def feature_settings(method: Method, K: int, k: int) -> FeatureSettings:
     return FeatureSettings(output_fn=method.output_fn or "square", num_timesteps=K, projection_dim=k)
 
 
-def featurize_args(ctx: Context, settings: FeatureSettings) -> list[str]:
-    """The CLI job that computes the training features the app will look for."""
-    args = ["featurize", "--model", ctx.entry.model_dir, "--training-set", "--output-fn", settings.output_fn,
-            "-K", str(settings.num_timesteps), "-k", str(settings.projection_dim),
-            "--cache-dir", str(cache_root() / "features")]
-    if ctx.entry.data_dir:
-        args += ["--data", ctx.entry.data_dir]
-    return args
-
-
 def score_cache(ctx: Context, method: Method, settings: FeatureSettings | None, lam: float) -> ScoreCache:
     # The rule declares what its scores depend on (feature settings, lambda); the rest stays out of the key.
     lam_used = lam if "lambda" in method.key_fields else float("nan")
@@ -675,18 +685,6 @@ def scores_for(ctx: Context, target: Target, method_name: str, K: int, k: int, l
     return scores
 
 
-def start_features(ctx: Context, settings: FeatureSettings, features_key: str) -> jobs.Job:
-    """Submit (or find) the background job computing the training features.
-
-    The job's identity is the feature key (model weights, training set, settings), so a model
-    retrained in place gets a new job; a "done" job whose features are missing runs again.
-    """
-    return jobs.submit(featurize_args(ctx, settings),
-                       f"training features of {ctx.entry.name} ({settings.output_fn}, K={settings.num_timesteps}, "
-                       f"k={settings.projection_dim})", cache_root() / "jobs", identity=features_key,
-                       rerun_done=True)
-
-
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "estimating..."
@@ -694,49 +692,21 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-def show_feature_job(ctx: Context, job: jobs.Job, method: Method, K: int, k: int) -> None:
-    """The progress of the training features a method waits for, with cancel / start-again buttons."""
-    show_job(job)
-    if job.active:
-        if st.button("Cancel", key=f"cancel_{job.key}"):
-            jobs.cancel(job.key, cache_root() / "jobs")
-            st.rerun()
-    elif st.button("Start again", key=f"restart_{job.key}"):
-        settings = feature_settings(method, K, k)
-        start_features(ctx, settings, feature_status(ctx.model, ctx.train, settings, cache_root() / "features").key)
-        st.rerun()
-
-
-def show_job(job: jobs.Job) -> None:
-    """Progress bar, ETA and state of one job."""
+def show_job(job: jobs.Job, root: Path | None = None) -> None:
+    """Progress bar, ETA and state of one job (its place in the queue while queued; ``root``: the
+    jobs folder, default the cache's). Feature jobs: ``dtrak_app.feature_jobs``."""
     fraction = job.fraction or 0.0
     done, total = job.progress.get("done"), job.progress.get("total")
     text = f"{job.description}: {job.state}"
+    if job.state == "queued":
+        position = jobs.queue_position(job, root if root is not None else cache_root() / "jobs")
+        if position is not None:
+            text += f", position {position} in the queue"
     if total:
         text += f", {done} of {total} images"
-    if job.active:
+    if job.state == "running":
         text += f", ETA {format_seconds(job.eta_seconds)}"
     st.progress(fraction if job.state != "done" else 1.0, text=md_escape(text))
     if job.state == "failed":
         st.error(f"The job failed: {md_escape(job.message)}")
         st.code(job.log_tail(5) or "(no output)")
-
-
-def features_pending(ctx: Context, method: Method, K: int, k: int) -> jobs.Job | None:
-    """None when the method's training features are ready; else the (started) job computing them."""
-    if not method.needs_features:
-        return None
-    settings = feature_settings(method, K, k)
-    try:
-        status = feature_status(ctx.model, ctx.train, settings, cache_root() / "features")
-    except ValueError as error:
-        st.error(md_escape(error))
-        return None
-    if status.state == "complete":
-        return None
-    job = jobs.find_job(featurize_args(ctx, settings), cache_root() / "jobs", identity=status.key)
-    if job is None or job.state == "done":
-        # Never started, or finished but its features were deleted since: start (again).
-        return start_features(ctx, settings, status.key)
-    # A failed or cancelled job waits for the user (show_feature_job offers "start again").
-    return job

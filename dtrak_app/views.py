@@ -1,4 +1,4 @@
-"""Pieces of result views shared by pages: image tiles, charts, the export, progress fragments.
+"""Pieces of result views shared by pages: image tiles, charts, the export (feature progress: feature_jobs).
 
 Words for people who have never heard of attribution: a training image is named by its
 metadata ``name`` (the emoji's name; the file name on hover and in the CSV), a score is shown as
@@ -20,9 +20,6 @@ import streamlit as st
 from dtrak_app import common as c
 from dtrak_app.card import CardEntry, render_card
 from dtrak_app.text import md_escape, plotly_text
-from dtrak_core import jobs
-from dtrak_core.attribution.methods import METHODS
-from dtrak_core.attribution.dataset_features import feature_status
 from dtrak_core.attribution.results import artist_shares, relative_strength, score_table, top_proponents
 
 #: The metadata column that names a training image (emoji3: the emoji's name).
@@ -213,18 +210,3 @@ def card_png(target: c.Target, table: pd.DataFrame, train_images: np.ndarray, in
     card.save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def wait_for_features(ctx: c.Context, job: jobs.Job, method_name: str, K: int, k: int) -> None:
-    """Training-feature progress that refreshes itself every 2 s and reruns the page when ready."""
-    method = METHODS[method_name]
-    settings = c.feature_settings(method, K, k)
-
-    @st.fragment(run_every=2.0)
-    def progress() -> None:
-        current = jobs.get_job(job.key, c.cache_root() / "jobs") or job
-        status = feature_status(ctx.model, ctx.train, settings, c.cache_root() / "features")
-        if status.state == "complete":
-            st.rerun(scope="app")
-        c.show_feature_job(ctx, current, method, K, k)
-
-    progress()

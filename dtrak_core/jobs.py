@@ -27,6 +27,7 @@ failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -171,8 +172,9 @@ def _alive(pid: int, start_time: str | None) -> bool:
     return current is not None and (start_time is None or current == start_time)
 
 
-def read_job(folder: str | Path) -> Job:
-    """Read a job folder; a job whose process is gone without a recorded end becomes "failed"."""
+def read_job(folder: str | Path, _locked: bool = False) -> Job:
+    """Read a job folder; a job whose process is gone without a recorded end becomes "failed"
+    (``_locked``: the caller holds the jobs lock, see :func:`_dead`)."""
     folder = Path(folder)
     spec = _read_json(folder / SPEC_FILE)
     if not spec:
@@ -185,12 +187,30 @@ def read_job(folder: str | Path) -> Job:
               finished=status.get("finished"), message=status.get("message", ""),
               progress=_read_json(folder / PROGRESS_FILE))
     if job.state == "running" and job.pid is not None and not _alive(job.pid, status.get("start_time")):
-        job.state, job.message = "failed", f"the job's process {job.pid} ended without reporting (killed?)"
-        _write_status(folder, job, status.get("start_time"))
-    elif job.state == "queued" and job.submitted and time.time() - job.submitted > QUEUED_GRACE_SECONDS \
+        return _dead(folder, job, status, f"the job's process {job.pid} ended without reporting (killed?)", _locked)
+    if job.state == "queued" and job.submitted and time.time() - job.submitted > QUEUED_GRACE_SECONDS \
             and (job.pid is None or not _alive(job.pid, None)):
-        job.state, job.message = "failed", "the job never started"
-        _write_status(folder, job, None)
+        return _dead(folder, job, status, "the job never started", _locked)
+    return job
+
+
+def _dead(folder: Path, job: Job, status: dict, message: str, locked: bool) -> Job:
+    """``job``, whose process is gone without recording an end, recorded as failed, unless its
+    status changed since it was read.
+
+    A cancel kills the process and then records "cancelled" (under the jobs lock): a reader that
+    read "running" just before must not overwrite that with "failed". So the status is read again
+    under the lock. When another holds the lock (a cancel or submit in progress) the job is
+    reported as read, and the next read decides. ``locked``: the caller holds the lock.
+    """
+    with contextlib.ExitStack() as stack:
+        if not locked:
+            if not stack.enter_context(try_lock(folder.parent / LOCK_FILE)):
+                return job
+            if _read_json(folder / STATUS_FILE) != status:  # moved on meanwhile (cancelled, restarted)
+                return read_job(folder, _locked=True)
+        job.state, job.message = "failed", message
+        _write_status(folder, job, status.get("start_time"))
     return job
 
 
@@ -219,7 +239,7 @@ def submit(args: Sequence[str], description: str = "", root: str | Path | None =
     folder = root / key
     with hold_lock(root / LOCK_FILE):
         if (folder / SPEC_FILE).exists():
-            job = read_job(folder)
+            job = read_job(folder, _locked=True)
             if job.active or (job.state == "done" and not rerun_done):
                 return job
         folder.mkdir(parents=True, exist_ok=True)
@@ -270,7 +290,7 @@ def clear_finished(root: str | Path | None = None) -> int:
     root = Path(root) if root is not None else default_root()
     removed = 0
     with hold_lock(root / LOCK_FILE):
-        for job in list_jobs(root):
+        for job in list_jobs(root, _locked=True):
             if not job.active:
                 shutil.rmtree(job.folder, ignore_errors=True)
                 removed += 1
@@ -289,9 +309,9 @@ def restart(key: str, root: str | Path | None = None) -> Job:
     return submit(job.args, job.description, root, identity=spec.get("identity"), rerun_done=True)
 
 
-def get_job(key: str, root: str | Path | None = None) -> Job | None:
+def get_job(key: str, root: str | Path | None = None, _locked: bool = False) -> Job | None:
     folder = (Path(root) if root is not None else default_root()) / key
-    return read_job(folder) if (folder / SPEC_FILE).exists() else None
+    return read_job(folder, _locked) if (folder / SPEC_FILE).exists() else None
 
 
 def find_job(args: Sequence[str], root: str | Path | None = None, identity: object = None) -> Job | None:
@@ -299,12 +319,12 @@ def find_job(args: Sequence[str], root: str | Path | None = None, identity: obje
     return get_job(job_key(args, identity), root)
 
 
-def list_jobs(root: str | Path | None = None) -> list[Job]:
+def list_jobs(root: str | Path | None = None, _locked: bool = False) -> list[Job]:
     """All jobs, newest first."""
     root = Path(root) if root is not None else default_root()
     if not root.is_dir():
         return []
-    jobs = [read_job(folder) for folder in root.iterdir() if (folder / SPEC_FILE).exists()]
+    jobs = [read_job(folder, _locked) for folder in root.iterdir() if (folder / SPEC_FILE).exists()]
     return sorted(jobs, key=lambda j: j.submitted or 0.0, reverse=True)
 
 
@@ -312,7 +332,7 @@ def cancel(key: str, root: str | Path | None = None) -> Job:
     """Stop a queued or running job (SIGTERM to its process group) and mark it cancelled."""
     root = Path(root) if root is not None else default_root()
     with hold_lock(root / LOCK_FILE):
-        job = get_job(key, root)
+        job = get_job(key, root, _locked=True)
         if job is None:
             raise JobError(f"there is no job {key!r} in {root}")
         if not job.active:

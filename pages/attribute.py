@@ -11,6 +11,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app import feature_jobs
 from dtrak_app import views
 from dtrak_app.text import md_escape
 from dtrak_core.attribution.methods import METHODS, FeaturesNotReady
@@ -34,11 +35,9 @@ if target is None:
     st.stop()
 
 shown_method = method_name
-job = c.features_pending(ctx, METHODS[method_name], K, k)
-if job is not None:
-    st.info(f"The training features for {METHODS[method_name].label} (K={K}, k={k}) are not ready yet; "
-            "they are computed in the background (see Jobs). Meanwhile: raw pixel similarity.")
-    views.wait_for_features(ctx, job, method_name, K, k)
+pending = feature_jobs.features_pending(ctx, METHODS[method_name], K, k)
+if pending is not None:  # what they need, a Start button, or the job's progress; pixels meanwhile
+    feature_jobs.wait_for_features(ctx, pending, method_name, K, k)
     shown_method = "pixel"
 
 try:

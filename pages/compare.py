@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app import feature_jobs
 from dtrak_app import views
 from dtrak_app.text import md_escape, plotly_text
 from dtrak_core.attribution.methods import APP_METHODS, METHODS, FeaturesNotReady
@@ -38,10 +39,9 @@ if len(chosen) < 2:
 K, k, lam = int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
 tables = {}
 for name in chosen:
-    job = c.features_pending(ctx, METHODS[name], K, k)
-    if job is not None:
-        st.info(f"{METHODS[name].label}: training features are being computed in the background.")
-        c.show_job(job)
+    pending = feature_jobs.features_pending(ctx, METHODS[name], K, k)
+    if pending is not None:  # what it needs and a Start button, or the job's progress (refreshed)
+        feature_jobs.wait_for_features(ctx, pending, name, K, k, place=f"{name}_", fallback=None)
         continue
     try:
         scores = c.scores_for(ctx, target, name, K, k, lam)

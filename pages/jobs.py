@@ -1,4 +1,4 @@
-"""Jobs: long work running in the background (training features, ...)."""
+"""Jobs: the machine's queue of long work (training features, counterfactual retrains, ...)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import datetime as dt
 import streamlit as st
 
 from dtrak_app import common as c
+from dtrak_app import feature_jobs
 from dtrak_app.text import md_escape
 from dtrak_core import jobs
 from dtrak_core.attribution.methods import APP_METHODS, METHODS
@@ -15,9 +16,10 @@ from dtrak_core.attribution.dataset_features import feature_status
 c.require_access()  # first: a page may run without app.py (see require_access)
 
 st.title("Jobs")
-st.caption("Long work runs as separate processes: it keeps going when you reload or leave the page, "
-           "and the same work never runs twice.")
-root = c.cache_root() / "jobs"
+st.caption(f"Long work runs as separate processes, {jobs.job_slots()} at a time on this machine "
+           f"(`{jobs.SLOTS_VARIABLE}`), the others wait in the queue in the order they were started. A job keeps "
+           "going when you reload or leave the page, and the same work never runs twice.")
+root = feature_jobs.jobs_root()
 ctx = c.model_context()
 if ctx is not None:
     with st.form("start"):
@@ -33,7 +35,31 @@ if ctx is not None:
             if status.state == "complete":
                 st.success("These features are already computed.")
             else:
-                c.start_features(ctx, settings, status.key)
+                job = feature_jobs.start_features(ctx, settings, status.key)
+                position = jobs.queue_position(job, root)
+                st.success(f"Started: {md_escape(job.description)}" + (f", position {position} in the queue."
+                                                                       if position else "."))
+
+
+def job_row(job: jobs.Job) -> None:
+    """One job: what, when, its state and progress, and what can be done with it."""
+    with st.container(border=True):
+        when = dt.datetime.fromtimestamp(job.submitted or 0).strftime("%Y-%m-%d %H:%M:%S")
+        st.markdown(f"**{md_escape(job.description or ' '.join(job.args))}** · submitted {when} · `{job.key}`")
+        c.show_job(job, root)
+        if job.state == "cancelled":
+            st.caption(f"Cancelled: {md_escape(job.message or 'by the user')}.")
+        if job.active:
+            if st.button("Cancel", key=f"cancel_{job.key}"):
+                jobs.cancel(job.key, root)
+                st.rerun()
+        elif st.button("Restart", key=f"restart_{job.key}",
+                       help="run the same command again (a finished job's output is reused where it is intact)"):
+            jobs.restart(job.key, root)
+            st.rerun()
+        with st.expander("Command and log"):
+            st.code("python -m dtrak_core " + " ".join(job.args), language="bash")
+            st.code(job.log_tail(30) or "(no output yet)")
 
 
 @st.fragment(run_every=2.0)
@@ -42,17 +68,19 @@ def job_list() -> None:
     if not listed:
         st.info("No jobs yet.")
         return
-    for job in listed:
-        with st.container(border=True):
-            when = dt.datetime.fromtimestamp(job.submitted or 0).strftime("%Y-%m-%d %H:%M:%S")
-            st.markdown(f"**{md_escape(job.description or ' '.join(job.args))}** · submitted {when} · `{job.key}`")
-            c.show_job(job)
-            if job.active and st.button("Cancel", key=f"cancel_{job.key}"):
-                jobs.cancel(job.key, root)
-                st.rerun()
-            with st.expander("Command and log"):
-                st.code("python -m dtrak_core " + " ".join(job.args), language="bash")
-                st.code(job.log_tail(30) or "(no output yet)")
+    finished = [j for j in listed if not j.active]
+    queued = sum(j.state == "queued" for j in listed)
+    running = sum(j.state == "running" for j in listed)
+    head = st.columns([3, 1])
+    head[0].markdown(f"{running} running, {queued} queued, {len(finished)} finished.")
+    if head[1].button("Clear finished", disabled=not finished,
+                      help="forget done, failed and cancelled jobs (their results stay in the cache)"):
+        jobs.clear_finished(root)
+        st.rerun()
+    # Running first, then the queue in the order it runs, then finished jobs, newest first.
+    rank = {"running": 0, "queued": 1}
+    for job in sorted(listed, key=lambda j: (rank.get(j.state, 2), (j.submitted or 0) * (1 if j.active else -1))):
+        job_row(job)
 
 
 job_list()

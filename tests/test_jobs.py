@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dtrak_core import jobs
+from dtrak_core.io import try_lock
 
 
 def wait_for(predicate, timeout: float = 90.0):
@@ -108,6 +109,35 @@ def test_a_dead_process_is_reported_as_failed(tmp_path):
     dead = jobs.get_job(folder.name, tmp_path)
     assert dead.state == "failed" and "ended without reporting" in dead.message
     assert json.loads((folder / jobs.STATUS_FILE).read_text())["state"] == "failed"  # recorded
+
+
+def test_a_job_cancelled_while_it_is_read_stays_cancelled(tmp_path, monkeypatch):
+    # cancel() kills the process, then records "cancelled"; a reader that read "running" just
+    # before found the process dead and recorded "failed" over it (1 cancel in 5 in a trial).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / jobs.job_key(["x"])
+    folder.mkdir()
+    (folder / jobs.SPEC_FILE).write_text(json.dumps({"args": ["x"], "submitted": time.time()}))
+    running = {"state": "running", "pid": gone.pid, "start_time": None}
+    (folder / jobs.STATUS_FILE).write_text(json.dumps(running))
+    real_alive = jobs._alive
+
+    def cancelled_meanwhile(pid, start_time):  # the cancel lands between the read and this check
+        (folder / jobs.STATUS_FILE).write_text(json.dumps({**running, "state": "cancelled",
+                                                           "message": "cancelled by the user"}))
+        return real_alive(pid, start_time)
+
+    monkeypatch.setattr(jobs, "_alive", cancelled_meanwhile)
+    assert jobs.get_job(folder.name, tmp_path).state == "cancelled"
+    assert json.loads((folder / jobs.STATUS_FILE).read_text())["state"] == "cancelled"
+    # While another holds the jobs lock (a cancel in progress) a reader reports what it read and writes nothing.
+    monkeypatch.setattr(jobs, "_alive", real_alive)
+    (folder / jobs.STATUS_FILE).write_text(json.dumps(running))
+    with try_lock(tmp_path / jobs.LOCK_FILE) as mine:
+        assert mine and jobs.get_job(folder.name, tmp_path).state == "running"
+        assert json.loads((folder / jobs.STATUS_FILE).read_text()) == running
+    assert jobs.get_job(folder.name, tmp_path).state == "failed"  # the next read decides
 
 
 def long_training_args(tmp_path: Path) -> list[str]:
