@@ -1,0 +1,282 @@
+"""The layer-factored feature computer (``attribution/factored.py``).
+
+The reference for exactness is built independently of the hooks: vmap per-sample gradients
+(``per_sample_gradients``) times the explicit projection matrix, kron(R_out, R_in) per layer
+weight and the dense direct matrix for biases and norm weights. Models: the tiny UNet2DModel
+(conv, linear, self-attention, GroupNorm, biases), a tiny UNet2DConditionModel (cross-attention,
+LayerNorm, GEGLU), peft LoRA on its attention projections, and a toy net whose conv has stride,
+dilation, groups and reflect padding.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dtrak_core.attribution.factored import (DIRECT_GROUP, FactoredError, FactoredGradientProjection, allocate,
+                                             block_shape, fill_blocks)
+from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
+from dtrak_core.attribution.gradients import per_sample_gradients
+from dtrak_core.attribution.timesteps import batch_noise
+from dtrak_core.models import UNET_PRESETS, make_scheduler
+from dtrak_core.tasks import Batch, DiffusionInputs, UnconditionalPixelTask
+
+torch.set_num_threads(1)
+
+
+class CrossAttentionTask(UnconditionalPixelTask):
+    """A UNet2DConditionModel on pixels; the condition is the encoder hidden states (B, seq, dim)."""
+
+    pipeline_class = "TestCrossAttentionPipeline"
+
+    def denoise(self, x_t, t, condition, state=None):
+        kwargs = {"encoder_hidden_states": condition, "return_dict": False}
+        if state is None:
+            return self.denoiser(x_t, t, **kwargs)[0]
+        return torch.func.functional_call(self.denoiser, dict(state), (x_t, t), kwargs)[0]
+
+
+class ToyNet(nn.Module):
+    """Conv layers with stride, dilation, groups and reflect padding; a Linear on (B, tokens, d); norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(sample_size=8, in_channels=4)
+        self.conv_a = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.norm = nn.GroupNorm(3, 6)
+        self.conv_b = nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect", bias=False)
+        self.token = nn.Linear(6, 5)
+        self.layer_norm = nn.LayerNorm(5)
+        self.up = nn.Conv2d(5, 4, 1)
+
+    def forward(self, x, t, return_dict=False):
+        h = torch.tanh(self.norm(self.conv_a(x))) + t.float().view(-1, 1, 1, 1) / 1000
+        h = torch.nn.functional.silu(self.conv_b(h))
+        tokens = self.layer_norm(self.token(h.flatten(2).transpose(1, 2)))  # (B, 16, 5)
+        h = tokens.transpose(1, 2).reshape(x.shape[0], 5, 4, 4)
+        return (torch.nn.functional.interpolate(self.up(h), size=x.shape[-2:]),)
+
+
+def cross_attention_unet(lora: bool = False) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    if lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        # init_lora_weights=False: B random too, so the gradients of A are not zero.
+        unet = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]), unet)
+    return unet.eval()
+
+
+def reference_features(computer: FactoredGradientProjection, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Explicit P^T g: kron(R_out, R_in) per layer weight, the direct matrix on biases and norms."""
+    projection = computer.projection
+    columns = []
+    for block in projection.blocks:
+        r_out, r_in = projection.factors(block)
+        g = grads[block.param].reshape(len(grads[block.param]), -1)
+        columns.append(g.double() @ torch.kron(r_out, r_in).double())
+    if projection.direct_dim:
+        flat = torch.cat([grads[n].reshape(len(grads[n]), -1) for n in projection.direct_names], 1).double()
+        columns.append(flat if projection.direct is None else flat @ projection.direct.matrix().double())
+    return torch.cat(columns, 1)
+
+
+def factored_and_reference(task, settings: FeatureSettings, batch: Batch):
+    featurizer = Featurizer.create(task, settings)
+    computer = featurizer.computer
+    inputs, noise = featurizer._inputs_and_noise(batch)
+    features = computer.compute(inputs, noise)
+    grads = per_sample_gradients(task, featurizer.param_names, inputs, noise, featurizer.timesteps,
+                                 computer.output_fn, timestep_chunk=10)
+    return features, reference_features(computer, grads), computer
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm(dim=1) / b.norm(dim=1)).max().item()
+
+
+def images(n: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def settings(**changes) -> FeatureSettings:
+    base = dict(computer="factored", num_timesteps=4, projection_dim=256, device="cpu", timestep_chunk=3)
+    return FeatureSettings(**{**base, **changes})
+
+
+@pytest.mark.parametrize("output_fn", ["square", "loss"])
+def test_unet_with_attention_equals_the_kronecker_projection_of_vmap_gradients(output_fn):
+    # Conv, linear (time embedding, attention q/k/v/out), GroupNorm and biases; 4 timesteps in chunks of 3.
+    unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
+    task = UnconditionalPixelTask(unet, make_scheduler())
+    features, reference, computer = factored_and_reference(task, settings(output_fn=output_fn),
+                                                           Batch(images(3, 16), [0, 1, 2]))
+    kinds = {type(unet.get_submodule(b.module)).__name__ for b in computer.projection.blocks}
+    assert kinds == {"Conv2d", "Linear"}
+    assert any(".to_q." in b.param for b in computer.projection.blocks)
+    assert any("norm" in n for n in computer.projection.direct_names)
+    assert any(n.endswith(".bias") for n in computer.projection.direct_names)
+    assert features.shape == (3, 256) and computer.feature_dim == 256
+    assert relative_error(features, reference) < 1e-5
+
+
+def test_cross_attention_unet_equals_the_kronecker_projection_of_vmap_gradients():
+    task = CrossAttentionTask(cross_attention_unet(), make_scheduler())
+    condition = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    batch = Batch(images(2, 8), [3, 4])
+    featurizer = Featurizer.create(task, settings(projection_dim=512))
+    inputs = DiffusionInputs(batch.images, condition, [3, 4])
+    noise = batch_noise(0, [3, 4], featurizer.timesteps, (3, 8, 8))
+    features = featurizer.computer.compute(inputs, noise)
+    grads = per_sample_gradients(task, featurizer.param_names, inputs, noise, featurizer.timesteps,
+                                 featurizer.computer.output_fn)
+    names = [b.param for b in featurizer.computer.projection.blocks]
+    assert any("attn2.to_k" in n for n in names) and any("ff.net.0.proj" in n for n in names)
+    assert any("norm1.weight" in n for n in featurizer.computer.projection.direct_names)  # LayerNorm
+    assert relative_error(features, reference_features(featurizer.computer, grads)) < 1e-5
+    # The condition is part of the sample: another caption changes that sample's row only.
+    other = DiffusionInputs(batch.images, torch.cat([condition[:1], -condition[1:]]), [3, 4])
+    changed = featurizer.computer.compute(other, noise)
+    assert torch.equal(changed[0], features[0]) and (changed[1] - features[1]).abs().max() > 0
+
+
+def test_lora_weights_equal_the_kronecker_projection_of_vmap_gradients():
+    task = CrossAttentionTask(cross_attention_unet(lora=True), make_scheduler())
+    condition = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+    featurizer = Featurizer.create(task, settings(params="lora", projection_dim=128))
+    computer = featurizer.computer
+    # LoRA A and B are the Linear layers inside peft's wrappers; no biases, so no direct group.
+    assert computer.param_names and all("lora_" in n for n in computer.param_names)
+    assert len(computer.projection.blocks) == len(computer.param_names) and computer.projection.direct_dim == 0
+    inputs = DiffusionInputs(images(2, 8), condition, [0, 1])
+    noise = batch_noise(0, [0, 1], featurizer.timesteps, (3, 8, 8))
+    grads = per_sample_gradients(task, featurizer.param_names, inputs, noise, featurizer.timesteps, computer.output_fn)
+    assert relative_error(computer.compute(inputs, noise), reference_features(computer, grads)) < 1e-5
+
+
+def test_strided_dilated_grouped_reflect_padded_conv_and_token_linear_are_exact():
+    task = UnconditionalPixelTask(ToyNet(), make_scheduler())
+    features, reference, computer = factored_and_reference(task, settings(projection_dim=64, timestep_chunk=2),
+                                                           Batch(images(3, 8, channels=4), [5, 6, 7]))
+    assert [b.param for b in computer.projection.blocks] == ["conv_a.weight", "conv_b.weight", "token.weight",
+                                                              "up.weight"]
+    assert relative_error(features, reference) < 1e-5
+
+
+def test_rows_do_not_depend_on_the_batch_neighbours():
+    unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
+    featurizer = Featurizer.create(UnconditionalPixelTask(unet, make_scheduler()), settings())
+    x = images(3, 16, seed=4)
+    phi = featurizer.featurize(Batch(x, [10, 11, 12]))
+    swapped = featurizer.featurize(Batch(x[[1, 0, 2]], [11, 10, 12]))
+    alone = featurizer.featurize(Batch(x[2:], [12]))
+    torch.testing.assert_close(torch.from_numpy(swapped), torch.from_numpy(phi[[1, 0, 2]]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.from_numpy(alone[0]), torch.from_numpy(phi[2]), rtol=1e-5, atol=1e-7)
+
+
+def test_groups_tile_the_columns_and_k_enters_the_cache_key():
+    unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
+    featurizer = Featurizer.create(UnconditionalPixelTask(unet, make_scheduler()), settings(projection_dim=300))
+    groups = featurizer.computer.groups()
+    assert groups[0].start == 0 and groups[-1].stop == 300 == featurizer.feature_dim
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
+    assert groups[-1].name == DIRECT_GROUP and groups[0].name == "conv_in.weight"
+    key = settings(projection_dim=300).key_fields()
+    assert key["computer"] == "factored" and key["projection_dim"] == 300
+    described = featurizer.computer.describe()
+    assert described["layers"] == len(groups) - 1 and described["feature_dim"] == 300
+
+
+def test_shares_grow_as_the_square_root_of_the_group_size():
+    sizes = [100, 400, 1600, 6400]
+    shares = allocate(sizes, 150)
+    assert sum(shares) == 150 and shares == [10, 20, 40, 80]
+    # A group smaller than its share keeps all its coordinates; the rest goes to the others.
+    capped = allocate([4, 10_000, 10_000], 1000)
+    assert capped[0] == 4 and sum(capped) == 1000 and abs(capped[1] - capped[2]) <= 1
+    assert allocate([3, 5], 100) == [3, 5]  # k >= p: every coordinate kept
+    with pytest.raises(FactoredError, match=r"^projection dimension k=2 is smaller than the 3 parameter groups"):
+        allocate([10, 10, 10], 2)
+
+
+def test_block_shapes_follow_the_layer_aspect_and_fill_the_budget():
+    assert block_shape(64, 576, 36) == (2, 18)  # d_out / d_in = 1/9 -> k_out / k_in ~ 1/9
+    assert block_shape(8, 8, 1000) == (8, 8)  # never more than the layer has
+    dims = [(64, 576), (32, 32), (3, 288)]
+    shapes = fill_blocks(dims, [37, 17, 10])
+    # Whole rows and columns only; what one layer's shape leaves over goes to another.
+    assert all(a <= d_out and b <= d_in for (a, b), (d_out, d_in) in zip(shapes, dims))
+    assert 64 - 2 <= sum(a * b for a, b in shapes) <= 64
+
+
+def test_unsupported_layers_are_refused_by_name():
+    class WithEmbedding(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(3, 4)
+
+    task = UnconditionalPixelTask(WithEmbedding(), make_scheduler())
+    with pytest.raises(FactoredError, match=r"^parameter 'table\.weight' belongs to a module of type Embedding; the factored "
+                                            r"computer handles the weights and biases of Linear and Conv2d"):
+        Featurizer.create(task, settings(projection_dim=16))
+
+    class WithBatchNorm(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+    with pytest.raises(FactoredError, match=r"^module 'bn' is a BatchNorm2d that normalises with batch statistics"):
+        Featurizer.create(UnconditionalPixelTask(WithBatchNorm(), make_scheduler()), settings(projection_dim=16))
+
+
+def test_a_layer_that_sees_a_shared_input_is_refused():
+    class SharedInput(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.bias_net = nn.Linear(2, 4)
+
+        def forward(self, x, t, return_dict=False):
+            # One row for the whole batch: its gradient cannot be split per sample.
+            return (x + self.bias_net(torch.ones(1, 2)).view(1, 4, 1, 1),)
+
+    featurizer = Featurizer.create(UnconditionalPixelTask(SharedInput(), make_scheduler()),
+                                   settings(projection_dim=8, params="bias_net"))
+    with pytest.raises(FactoredError, match=r"^module 'bias_net' saw a batch of 1 rows, not the 6 "):
+        featurizer.featurize(Batch(images(2, 8, channels=4), [0, 1]))
+
+
+def test_settings_that_would_break_the_cache_key_or_k_are_refused():
+    unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
+    task = UnconditionalPixelTask(unet, make_scheduler())
+    with pytest.raises(FactoredError, match=r"^the factored computer draws its own projections.*projector 'identity'"):
+        Featurizer.create(task, settings(projector="identity"))
+    with pytest.raises(FactoredError, match=r"^projection dimension k=100000 exceeds the number of selected gradient "
+                                            r"coordinates p=\d+; choose k <= \d+$"):
+        Featurizer.create(task, settings(projection_dim=100_000, params="re:^conv_in"))
+
+
+def test_projection_is_a_function_of_seed_and_shapes_and_preserves_norms_on_average():
+    unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
+    task = UnconditionalPixelTask(unet, make_scheduler())
+    a = Featurizer.create(task, settings(projection_dim=512)).computer.projection
+    b = Featurizer.create(task, settings(projection_dim=512)).computer.projection
+    c = Featurizer.create(task, settings(projection_dim=512, seed=1)).computer.projection
+    block = a.blocks[5]
+    assert all(torch.equal(x, y) for x, y in zip(a.factors(block), b.factors(block)))
+    assert not torch.equal(a.factors(block)[0], c.factors(block)[0])
+    # E |P^T g|^2 = |g|^2: both factors have i.i.d. entries of variance 1/k (their column count).
+    factors = [f for blk in a.blocks for f in a.factors(blk) if f.numel() >= 1000]
+    assert len(factors) >= 3
+    for factor in factors:
+        assert math.isclose(factor.pow(2).mean().item() * factor.shape[1], 1.0, rel_tol=0.15)
