@@ -7,56 +7,65 @@ a sum over positions (tokens, pixels, timesteps) of outer products,
 
 so its Kronecker-structured projection needs no per-sample gradient at all:
 
-    phi_layer[b] = vec( R_out^T G_b R_in ) = sum_pos (R_out^T dY[b, pos]) (X[b, pos]^T R_in)   (k_out, k_in),
+    z_layer[b] = vec( R_out^T G_b R_in ) = sum_pos (R_out^T dY[b, pos]) (X[b, pos]^T R_in)   (k_out, k_in),
 
-with R_in (d_in, k_in) and R_out (d_out, k_out) i.i.d. N(0, 1/k) matrices drawn on the CPU from
-(seed, layer name, side) (``seeds.feature_seed``), so E |phi_layer|^2 = |G_b|^2 as for every
-projector. In row-major order vec(R_out^T G R_in) = kron(R_out, R_in)^T vec(G): the layer's block of
-the projection matrix P is ``torch.kron(R_out, R_in)`` (:meth:`FactoredProjection.project_gradients`
-applies it to ready gradients; the tests hold the hooks to it).
+with R_in (d_in, k_in) and R_out (d_out, k_out) i.i.d. N(0, 1/k_side) matrices drawn on the CPU from
+(seed, layer name, side) (``seeds.feature_seed``), or the identity where the side is not
+compressed (k_side = d_side), so E |z_layer|^2 = |G_b|^2. In row-major order
+vec(R_out^T G R_in) = kron(R_out, R_in)^T vec(G).
+
+Features, in two stages:
+
+1. the intermediate z (B, m): every selected layer weight's Kronecker block, k_out = min(d_out, 64),
+   k_in = min(d_in, 16) (:data:`BLOCK_OUT`, :data:`BLOCK_IN`), then the exact per-sample
+   gradients of the parameters that are not a matrix (biases, GroupNorm / LayerNorm weights:
+   a bias's is sum_pos dY, a norm weight's sum_pos dY * x_hat, cheap elementwise sums);
+2. phi = S^T z with S the ``projector`` of the settings (m -> k; the sparse JL by default), so
+   phi = P^T (1/K) sum_t grad f with P = blockdiag(kron(R_out, R_in), ..., I) S, one fixed matrix.
+
+Why a global second stage rather than a share of k per layer: a layer's block is a JL sketch whose
+error falls with its size, and a block-diagonal layout fixes each layer's share in advance, while
+the gradient mass of a sample sits in a few layers. Mixing every block into all k columns spends
+the columns where the mass is. Measured on the mini model's LDS build at k = 2048 (D-TRAK, K = 10,
+validation LDS, from the same exact gradients): per-layer Kronecker blocks sized to shares of k
+(proportional to sqrt(p_layer): 29.8; to p_layer: 36.4; equal: 33.1) against 44.3 for the two
+stages and 44.5 for the sparse JL of the whole gradient (``docs/benchmarks/factored.md``). The
+block caps: the input side costs a convolution with k_in output channels per layer (cheap up to
+16 on a CPU), the output side a small matmul of dY; 64 x 16 blocks keep the sketch's error
+below the LDS's noise there (32 x 32 and 64 x 64 measured the same within it).
+
+With ``projector="identity"`` the features are z itself (m columns; k is then ignored, as for
+the per-sample-gradient computer) and :meth:`FactoredGradientProjection.groups` names every
+layer's block and the "direct" group: block-wise use. With a mixing projector the columns mix
+all layers: one group.
 
 How it is computed (:meth:`FactoredGradientProjection.compute`): one batched forward of the
-B * c noised copies of a timestep chunk (c = ``timestep_chunk``), forward hooks on the layers
-project each input at once (X R_in: a matmul; for a conv, a convolution of the input with R_in
-reshaped as a (k_in, C_in/groups, kh, kw) kernel: the im2col formulation, with the layer's own
-stride, padding, dilation, groups and padding mode, without forming the patches), then ONE
+B * c noised copies of a timestep chunk (c = ``timestep_chunk``); forward hooks project each
+layer input at once (X R_in: a matmul; for a conv, a convolution of the input with R_in
+reshaped as a (k_in, C_in/groups, kh, kw) kernel: the im2col product with the layer's own
+stride, padding, dilation, groups and padding mode, without forming the patches); then ONE
 backward of sum_{b, t} f_b(t), in which a tensor hook on every layer output receives dY, projects
-it (dY R_out) and contracts the two over positions and the chunk's timesteps per sample. No
-parameter requires a gradient (weight gradients are never formed), so the backward costs less
-than a training step's. Summed over the chunks and divided by K, as the per-sample-gradient
-computer does: phi = P^T (1/K) sum_t grad f.
+it and contracts the two over positions and the chunk's timesteps per sample. No parameter
+requires a gradient (weight gradients are never formed), so the backward costs less than a
+training step's. Summed over the chunks and divided by K, as the per-sample-gradient computer
+does. Memory ~ B * c activations + B * m, independent of p beyond m.
 
 Exactness needs the batched backward to give per-sample gradients: f_b depends on sample b's row
 only. GroupNorm and LayerNorm normalise within a sample (fine); BatchNorm with batch statistics
-couples the rows and is refused, as is any hooked layer that sees a batch other than the B * c
-rows (an input shared across samples).
-
-Parameters that are not a matrix (biases, GroupNorm / LayerNorm affine weights) have cheap exact
-per-sample gradients: a bias's is sum_pos dY, a norm weight's sum_pos dY * x_hat (x_hat the
-normalised input, recomputed from the input in the hook). They are accumulated exactly and
-projected directly, all together, by one dense Gaussian matrix (the "direct" group); when that
-group's share of k is at least its size it is kept unprojected. Any other selected parameter
-(an embedding table, a bare ``nn.Parameter``, a layer whose ``forward`` is overridden) is refused
-with a one-line error naming it: never silently dropped.
-
-Share of k (:func:`allocate`): every group g (each layer's weight; the direct group) gets
-k_g proportional to sqrt(p_g), p_g its number of coordinates, capped at p_g (water-filling: a
-group that needs fewer columns than its share keeps all its coordinates and leaves the rest to
-the others). Why sqrt: a random sketch's error on a group's inner products falls as 1/sqrt(k_g)
-while the group's share of the inner product grows with its size only as far as its gradient
-norm does, which across UNet layers varies far less than p_g (p_g: 864 .. 73,728 in the demo
-UNet); proportional shares would leave small layers with one or two columns and sketch them
-with O(1) relative error, equal shares would starve the large ones. A layer's block is
-k_out x k_in with k_out / k_in ~ d_out / d_in (each side compressed by the same factor), at most
-d_out x d_in. Measured on the mini UNet in ``docs/benchmarks/factored.md``.
+couples the rows and is refused, as is a hooked layer that sees a batch other than the B * c rows
+(an input shared across samples). Any other selected parameter (an embedding table, a bare
+``nn.Parameter``, a layer whose ``forward`` is overridden) is refused with a one-line error
+naming it: never silently dropped.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
+
+import math
+import threading
 
 import torch
 from torch import nn
@@ -65,11 +74,13 @@ from torch.nn import functional as F
 
 from dtrak_core.attribution.feature_computers import DTYPES, FEATURE_COMPUTERS, FeatureComputer, FeatureGroup
 from dtrak_core.attribution.output_functions import get_output_function
-from dtrak_core.attribution.projectors import PROJECTORS, GaussianProjector
+from dtrak_core.attribution.projectors import IdentityProjector, Projector, make_projector
 from dtrak_core.seeds import feature_seed
 from dtrak_core.tasks import DiffusionInputs, DiffusionTask
 
-#: The name of the column group of the directly projected vectors (biases, norm weights).
+#: The largest output and input side of a layer's Kronecker block (see the module docstring).
+BLOCK_OUT, BLOCK_IN = 64, 16
+#: The name of the column group of the exact vectors (biases, norm weights) with ``projector="identity"``.
 DIRECT_GROUP = "direct"
 #: Layer types whose weight is a matrix the hooks factor, and norm layers handled directly.
 MATRIX_LAYERS = (nn.Linear, nn.Conv2d)
@@ -82,9 +93,10 @@ class FactoredError(ValueError):
 
 @dataclass(frozen=True)
 class LayerBlock:
-    """The Kronecker block of one layer's weight: columns [start, start + k_out * k_in).
+    """The Kronecker block of one layer's weight: intermediate columns [start, start + k_out * k_in).
 
     ``d_in`` is the weight's input side as a matrix: in_features, or C_in / groups * kh * kw.
+    A side with k = d is not projected (identity).
     """
 
     module: str
@@ -101,88 +113,12 @@ class LayerBlock:
 
 
 def _kronecker_factor(seed: int, module: str, side: str, rows: int, cols: int) -> torch.Tensor:
-    """An i.i.d. N(0, 1/cols) matrix (rows, cols), float32 CPU, from (seed, module, side, rows, cols)."""
+    """The identity when cols == rows, else an i.i.d. N(0, 1/cols) matrix (rows, cols); float32
+    CPU, a function of (seed, module, side, rows, cols) only."""
+    if cols == rows:
+        return torch.eye(rows)
     generator = torch.Generator(device="cpu").manual_seed(feature_seed("factored", seed, module, side, rows, cols))
     return torch.randn((rows, cols), generator=generator).mul_(1.0 / math.sqrt(cols))
-
-
-#: Shares of k grow as p_g ** SHARE_POWER (see the module docstring; 0.5 = sqrt).
-SHARE_POWER = 0.5
-
-
-def allocate(sizes: Sequence[int], k: int, power: float = SHARE_POWER) -> list[int]:
-    """Integer shares k_g of k proportional to p_g ** power, each in [1, p_g], summing to min(k, sum p_g).
-
-    Water-filling: groups whose share would exceed p_g get p_g and leave the rest to the others;
-    the remaining fractional parts go to the largest remainders (ties: the earlier group).
-    """
-    if any(p < 1 for p in sizes):
-        raise ValueError(f"group sizes must be positive, got {list(sizes)}")
-    if k < len(sizes):
-        raise FactoredError(f"projection dimension k={k} is smaller than the {len(sizes)} parameter groups of the "
-                            f"factored computer (one per layer plus biases and norms); choose k >= {len(sizes)}")
-    shares = [0.0] * len(sizes)
-    open_groups = list(range(len(sizes)))
-    budget = float(min(k, sum(sizes)))
-    while open_groups:
-        weight = sum(sizes[g] ** power for g in open_groups)
-        capped = [g for g in open_groups if budget * sizes[g] ** power / weight >= sizes[g]]
-        if not capped:
-            for g in open_groups:
-                shares[g] = budget * sizes[g] ** power / weight
-            break
-        for g in capped:
-            shares[g] = float(sizes[g])
-            budget -= sizes[g]
-            open_groups.remove(g)
-    whole = [max(1, min(sizes[g], int(math.floor(s)))) for g, s in enumerate(shares)]
-    left = int(min(k, sum(sizes))) - sum(whole)
-    order = sorted(range(len(sizes)), key=lambda g: (-(shares[g] - math.floor(shares[g])), g))
-    while left > 0:
-        moved = False
-        for g in order:
-            if left > 0 and whole[g] < sizes[g]:
-                whole[g] += 1
-                left -= 1
-                moved = True
-        if not moved:
-            break
-    while left < 0:  # the at-least-one floor overshot: take from the largest shares
-        g = max(range(len(sizes)), key=lambda i: (whole[i], -i))
-        whole[g] -= 1
-        left += 1
-    return whole
-
-
-def block_shape(d_out: int, d_in: int, budget: int) -> tuple[int, int]:
-    """(k_out, k_in) with k_out * k_in <= budget, k_out / k_in ~ d_out / d_in, k_out <= d_out, k_in <= d_in."""
-    k_out = min(d_out, max(1, round(math.sqrt(budget * d_out / d_in))))
-    k_in = min(d_in, max(1, budget // k_out))
-    k_out = min(d_out, max(1, budget // k_in))
-    return k_out, k_in
-
-
-def fill_blocks(dims: Sequence[tuple[int, int]], budgets: Sequence[int]) -> list[tuple[int, int]]:
-    """Block shapes for layers of (d_out, d_in) with the given column budgets, then the columns the
-    shapes leave unused handed out greedily (one more row or column of the layer furthest below its
-    budget, where it fits), so that the blocks use as much of the total as whole rows allow."""
-    shapes = [block_shape(d_out, d_in, b) for (d_out, d_in), b in zip(dims, budgets)]
-    slack = sum(budgets) - sum(a * b for a, b in shapes)
-    while slack > 0:
-        best = None
-        for i, ((d_out, d_in), (k_out, k_in)) in enumerate(zip(dims, shapes)):
-            deficit = (budgets[i] - k_out * k_in) / budgets[i]
-            for grown in ((k_out + 1, k_in), (k_out, k_in + 1)):
-                cost = grown[0] * grown[1] - k_out * k_in
-                if grown[0] <= d_out and grown[1] <= d_in and cost <= slack:
-                    if best is None or (deficit, -cost) > best[0]:
-                        best = ((deficit, -cost), i, grown, cost)
-        if best is None:
-            break
-        _, i, grown, cost = best
-        shapes[i] = grown
-        slack -= cost
-    return shapes
 
 
 @dataclass
@@ -192,8 +128,8 @@ class _Slot:
     module_name: str
     module: nn.Module
     weight: str | None = None  # a matrix layer's weight param name, when selected
-    bias: str | None = None  # a bias (or norm bias) param name, projected directly
-    norm_weight: str | None = None  # a norm layer's weight param name, projected directly
+    bias: str | None = None  # a bias (or norm bias) param name, kept exactly
+    norm_weight: str | None = None  # a norm layer's weight param name, kept exactly
 
 
 def _owner(name: str) -> tuple[str, str]:
@@ -255,43 +191,45 @@ def matrix_dims(module: nn.Module) -> tuple[int, int]:
 
 
 class FactoredProjection:
-    """The projection matrix of the factored computer, as per-layer Kronecker factors and a direct part.
+    """The factored computer's projection: per-layer Kronecker factors, then a projector m -> k.
 
-    Built from the selected parameters' shapes, k and the seed only. Columns: the layer blocks in
-    the order of their weights in ``param_names``, then the direct group (biases and norm weights
-    in ``param_names`` order) when there is one.
+    A function of the selected parameters' shapes, the projector settings and the seed only.
+    Intermediate columns: the layer blocks in the order of their weights in ``param_names``, then
+    the exact direct vectors (biases and norm weights in ``param_names`` order).
     """
 
-    def __init__(self, model: nn.Module, param_names: Sequence[str], k: int, seed: int,
-                 power: float = SHARE_POWER) -> None:
+    def __init__(self, model: nn.Module, param_names: Sequence[str], k: int, seed: int, projector: str = "sjlt",
+                 sparsity: int = 4, block: tuple[int, int] = (BLOCK_OUT, BLOCK_IN)) -> None:
         self.slots = plan_slots(model, param_names)
         self.seed = int(seed)
         layers = [s for s in self.slots if s.weight is not None]
         sizes = {n: p.numel() for n, p in model.named_parameters()}
-        self.direct_names = [n for n in param_names if not any(s.weight == n for s in layers)]
-        direct_size = sum(sizes[n] for n in self.direct_names)
-        dims = [matrix_dims(s.module) for s in layers]
-        group_sizes = [a * b for a, b in dims] + ([direct_size] if direct_size else [])
-        shares = allocate(group_sizes, k, power)
-        direct_k = shares[-1] if direct_size else 0
-        shapes = fill_blocks(dims, shares[:len(dims)])
-        # Columns the block shapes leave over go to the direct group while it has room.
-        direct_k = min(direct_size, direct_k + sum(shares[:len(dims)]) - sum(a * b for a, b in shapes))
+        weights = {s.weight for s in layers}
+        self.direct_names = [n for n in param_names if n not in weights]
         self.blocks: list[LayerBlock] = []
         start = 0
-        for slot, (d_out, d_in), (k_out, k_in) in zip(layers, dims, shapes):
-            self.blocks.append(LayerBlock(slot.module_name, slot.weight, d_out, d_in, k_out, k_in, start))
-            start += k_out * k_in
-        self.direct_start, self.direct_size = start, direct_size
-        self.direct: GaussianProjector | None = None
-        self.direct_dim = 0
-        if direct_size:
-            self.direct_dim = direct_k
-            if direct_k < direct_size:
-                self.direct = GaussianProjector(direct_size, direct_k, feature_seed("factored", self.seed, DIRECT_GROUP),
-                                                self.direct_names)
-        self.output_dim = start + self.direct_dim
+        for slot in layers:
+            d_out, d_in = matrix_dims(slot.module)
+            layer = LayerBlock(slot.module_name, slot.weight, d_out, d_in, min(d_out, block[0]), min(d_in, block[1]),
+                               start)
+            self.blocks.append(layer)
+            start += layer.size
+        self.direct_start = start
+        self.direct_size = sum(sizes[n] for n in self.direct_names)
+        self.intermediate_dim = start + self.direct_size
+        identity = projector == "identity"
+        if not identity and k > self.intermediate_dim:
+            raise FactoredError(f"projection dimension k={k} exceeds the factored computer's intermediate dimension "
+                                f"m={self.intermediate_dim} (Kronecker blocks of at most {block[0]} x {block[1]} per "
+                                f"layer, plus biases and norm weights); choose k <= {self.intermediate_dim}")
+        # The mixing projector has its own seed, so it never repeats the per-sample-gradient projector's draws.
+        self.mixer: Projector = make_projector(projector, self.intermediate_dim, k,
+                                               feature_seed("factored", self.seed, "mix"), None, sparsity)
         self._factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def output_dim(self) -> int:
+        return self.mixer.output_dim
 
     def factors(self, block: LayerBlock, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(R_out (d_out, k_out), R_in (d_in, k_in)) of a layer, float32 on ``device`` (cached)."""
@@ -302,20 +240,18 @@ class FactoredProjection:
         return self._factors[key]
 
     def groups(self) -> list[FeatureGroup]:
+        """One group per layer block and "direct" when the features are the intermediate itself, else "all"."""
+        if not isinstance(self.mixer, IdentityProjector):
+            return [FeatureGroup("all", 0, self.output_dim)]
         groups = [FeatureGroup(b.param, b.start, b.start + b.size) for b in self.blocks]
-        if self.direct_dim:
-            groups.append(FeatureGroup(DIRECT_GROUP, self.direct_start, self.direct_start + self.direct_dim))
+        if self.direct_size:
+            groups.append(FeatureGroup(DIRECT_GROUP, self.direct_start, self.intermediate_dim))
         return groups
 
-    def project_direct(self, flat: torch.Tensor) -> torch.Tensor:
-        """The direct group's columns from its exact per-sample gradients (B, direct_size)."""
-        return flat if self.direct is None else self.direct.project(flat)
+    def intermediate(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z (B, m) from ready per-sample gradients {name: (B, *shape)}: each block as R_out^T G R_in.
 
-    def project_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The same projection applied to ready per-sample gradients {name: (B, *shape)} -> (B, k).
-
-        Each block as R_out^T G R_in (a check of the hooks, and a projector for gradients
-        computed elsewhere); memory ~ B * p.
+        A check of the hooks, and the first stage for gradients computed elsewhere; memory ~ B * p.
         """
         columns = []
         for block in self.blocks:
@@ -323,11 +259,13 @@ class FactoredProjection:
             r_out, r_in = self.factors(block, g.device)
             g = g.reshape(g.shape[0], block.d_out, block.d_in)
             columns.append(torch.einsum("bod,ok,dj->bkj", g, r_out, r_in).reshape(g.shape[0], -1))
-        if self.direct_dim:
-            batch = grads[self.direct_names[0]].shape[0]
-            flat = torch.cat([grads[n].float().reshape(batch, -1) for n in self.direct_names], dim=1)
-            columns.append(self.project_direct(flat))
+        for name in self.direct_names:
+            columns.append(grads[name].float().reshape(grads[name].shape[0], -1))
         return torch.cat(columns, dim=1)
+
+    def project_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """phi (B, k) = S^T z from ready per-sample gradients."""
+        return self.mixer.project(self.intermediate(grads))
 
 
 class _Accumulator:
@@ -369,6 +307,9 @@ class _Hooks:
         self.blocks = {b.module: b for b in projection.blocks}
         self.leaves: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
         self.handles: list = []
+        # Hooks live on the model instance; a forward of the same instance in another thread
+        # (another featurizer sharing the model) must pass through them untouched.
+        self.thread = threading.get_ident()
 
     def attach(self) -> None:
         for slot in self.projection.slots:
@@ -381,6 +322,8 @@ class _Hooks:
 
     def _hook(self, slot: _Slot) -> Callable:
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if threading.get_ident() != self.thread:
+                return None
             if not args:
                 raise FactoredError(f"module {slot.module_name!r} was called without a positional input; the "
                                     "factored computer reads a layer's input from its first positional argument")
@@ -422,8 +365,11 @@ class _Hooks:
         projected_input = None
         if block is not None:
             r_out, r_in = self.projection.factors(block, x.device)
-            projected_input = (_conv_input(module, x.float(), r_in, block) if isinstance(module, nn.Conv2d)
-                               else (x.float() @ r_in).reshape(x.shape[0], -1, block.k_in))
+            if isinstance(module, nn.Conv2d):
+                projected_input = _conv_input(module, x.float(), r_in, block)
+            else:
+                x = x.float()
+                projected_input = (x if block.k_in == block.d_in else x @ r_in).reshape(x.shape[0], -1, block.k_in)
 
         def matrix_backward(grad: torch.Tensor) -> None:
             grad = grad.float()
@@ -438,11 +384,12 @@ class _Hooks:
                     acc.blocks[slot.module_name] += torch.einsum("bcgkl,bcgjl->bkj", dr, xr)
                 elif isinstance(module, nn.Conv2d):
                     # R_out^T dY: (k_out, C_out) @ (N, C_out, L) -> (N, k_out, L), no copy of dY.
-                    dr = torch.matmul(r_out.t(), grad.reshape(grad.shape[0], block.d_out, -1))
-                    acc.blocks[slot.module_name].baddbmm_(_per_sample(dr, acc.batch),
-                                                          _per_sample(projected_input, acc.batch).transpose(1, 2))
+                    dr = grad.reshape(grad.shape[0], block.d_out, -1)
+                    if block.k_out != block.d_out:
+                        dr = torch.matmul(r_out.t(), dr)
+                    _contract(acc.blocks[slot.module_name], dr, projected_input)
                 else:
-                    dr = (grad @ r_out).reshape(acc.batch, -1, block.k_out)
+                    dr = (grad if block.k_out == block.d_out else grad @ r_out).reshape(acc.batch, -1, block.k_out)
                     xr = projected_input.reshape(acc.batch, -1, block.k_in)
                     acc.blocks[slot.module_name].baddbmm_(dr.transpose(1, 2), xr)
             if slot.bias is not None:
@@ -450,12 +397,17 @@ class _Hooks:
         return matrix_backward
 
 
-def _per_sample(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B * c, k, L) rows of (sample, timestep) -> (B, k, c * L): the chunk's timesteps side by side."""
-    count = rows.shape[0] // batch
-    if count == 1:
-        return rows
-    return rows.reshape(batch, count, *rows.shape[1:]).transpose(1, 2).reshape(batch, rows.shape[1], -1)
+def _contract(block: torch.Tensor, dr: torch.Tensor, xr: torch.Tensor) -> None:
+    """block (B, k_out, k_in) += sum over the chunk's timesteps and positions of dr xr^T.
+
+    dr (B * c, k_out, L), xr (B * c, k_in, L), rows of (sample, timestep): one batched matmul per
+    timestep of the chunk, on strided views (no copy of dY).
+    """
+    batch = block.shape[0]
+    dr = dr.view(batch, -1, *dr.shape[1:])
+    xr = xr.view(batch, -1, *xr.shape[1:])
+    for i in range(dr.shape[1]):
+        block.baddbmm_(dr[:, i], xr[:, i].transpose(1, 2))
 
 
 def _bias_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -483,29 +435,17 @@ def _conv_input(module: nn.Conv2d, x: torch.Tensor, r_in: torch.Tensor, block: L
 
 @FEATURE_COMPUTERS.register("factored")
 class FactoredGradientProjection(FeatureComputer):
-    """phi = P^T (1/K) sum_t grad f with P block-diagonal in per-layer Kronecker factors (see the
-    module docstring): one batched forward/backward per timestep chunk, no per-sample gradients.
-
-    Memory ~ B * timestep_chunk activations, independent of p. Column groups: one per layer
-    weight (named by the weight), then "direct" (biases and norm weights).
+    """phi = S^T z, z the per-layer Kronecker projections of the K-averaged gradients and the exact
+    biases and norm weights (see the module docstring): one batched forward/backward per timestep
+    chunk, no per-sample gradients. S is the settings' projector (m -> k).
     """
 
-    #: k changes the matrices (the featurizer keeps k in the cache key only when the projector
-    #: setting asks for it: see ``__init__``).
-    key_settings = ("projection_dim",)
+    key_settings = ()  # the projector declares its own key fields (k, s), as for the default computer
 
     def __init__(self, task: DiffusionTask, settings, param_names: Sequence[str], timesteps: Sequence[int]) -> None:
         super().__init__(task, settings, param_names, timesteps)
-        if "projection_dim" not in PROJECTORS.get(settings.projector).key_settings:
-            # The cache key keeps k only for projectors that depend on it; this computer always does.
-            raise FactoredError(f"the factored computer draws its own projections, so k must stay in the feature "
-                                f"cache key; projector {settings.projector!r} drops it: leave --projector at its "
-                                "default (sjlt)")
-        k, p = settings.projection_dim, self.num_parameters
-        if k > p:
-            raise FactoredError(f"projection dimension k={k} exceeds the number of selected gradient coordinates "
-                                f"p={p}; choose k <= {p}")
-        self.projection = FactoredProjection(task.denoiser, self.param_names, k, settings.seed)
+        self.projection = FactoredProjection(task.denoiser, self.param_names, settings.projection_dim, settings.seed,
+                                             settings.projector, settings.sparsity)
         self.output_fn = get_output_function(settings.output_fn)
 
     @property
@@ -517,10 +457,11 @@ class FactoredGradientProjection(FeatureComputer):
 
     def describe(self) -> dict:
         return {**super().describe(), "layers": len(self.projection.blocks),
-                "direct_size": self.projection.direct_size, "direct_dim": self.projection.direct_dim,
-                "blocks": {b.param: [b.k_out, b.k_in] for b in self.projection.blocks}}
+                "intermediate_dim": self.projection.intermediate_dim, "direct_size": self.projection.direct_size,
+                "projector": self.projection.mixer.describe()}
 
-    def compute(self, inputs: DiffusionInputs, noise: torch.Tensor) -> torch.Tensor:
+    def intermediate(self, inputs: DiffusionInputs, noise: torch.Tensor) -> torch.Tensor:
+        """z (B, m) = (1/K) sum over the timesteps of the per-layer blocks and the exact direct vectors."""
         x0 = inputs.x0
         batch = x0.shape[0]
         if x0.dim() < 2 or noise.shape[:1] != x0.shape[:1] or noise.shape[2:] != x0.shape[1:]:
@@ -536,14 +477,15 @@ class FactoredGradientProjection(FeatureComputer):
         with _no_parameter_gradients(self.task.denoiser):
             for start in range(0, len(self.timesteps), chunk):
                 self._chunk(inputs, noise[:, start:start + chunk], all_steps[start:start + chunk], acc)
-        scale = 1.0 / len(self.timesteps)
-        columns = [acc.blocks[b.module].reshape(batch, -1) * scale for b in self.projection.blocks]
-        if self.projection.direct_dim:
-            flat = torch.cat([acc.direct[n].reshape(batch, -1) if n in acc.direct
-                              else torch.zeros(batch, self.task.denoiser.get_parameter(n).numel(), device=device)
-                              for n in self.projection.direct_names], dim=1)
-            columns.append(self.projection.project_direct(flat * scale))
-        return torch.cat(columns, dim=1)
+        columns = [acc.blocks[b.module].reshape(batch, -1) for b in self.projection.blocks]
+        for name in self.projection.direct_names:
+            # A parameter whose module never ran has a zero gradient.
+            columns.append(acc.direct[name] if name in acc.direct else
+                           torch.zeros(batch, self.task.denoiser.get_parameter(name).numel(), device=device))
+        return torch.cat(columns, dim=1).mul_(1.0 / len(self.timesteps))
+
+    def compute(self, inputs: DiffusionInputs, noise: torch.Tensor) -> torch.Tensor:
+        return self.projection.mixer.project(self.intermediate(inputs, noise))
 
     def _chunk(self, inputs: DiffusionInputs, eps: torch.Tensor, steps: torch.Tensor, acc: _Accumulator) -> None:
         """One batched forward/backward of the B x c (sample, timestep) rows, row b * c + i."""

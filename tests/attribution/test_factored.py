@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from dtrak_core.attribution.factored import (DIRECT_GROUP, FactoredError, FactoredGradientProjection, allocate,
-                                             block_shape, fill_blocks)
+from dtrak_core.attribution.factored import (BLOCK_IN, BLOCK_OUT, DIRECT_GROUP, FactoredError,
+                                             FactoredGradientProjection)
 from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.gradients import per_sample_gradients
 from dtrak_core.attribution.timesteps import batch_noise
@@ -79,17 +79,18 @@ def cross_attention_unet(lora: bool = False) -> nn.Module:
 
 
 def reference_features(computer: FactoredGradientProjection, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Explicit P^T g: kron(R_out, R_in) per layer weight, the direct matrix on biases and norms."""
+    """Explicit P^T g: kron(R_out, R_in) per layer weight, biases and norm weights as they are, then
+    the mixing projector's dense matrix (none for the identity)."""
     projection = computer.projection
     columns = []
     for block in projection.blocks:
         r_out, r_in = projection.factors(block)
         g = grads[block.param].reshape(len(grads[block.param]), -1)
         columns.append(g.double() @ torch.kron(r_out, r_in).double())
-    if projection.direct_dim:
-        flat = torch.cat([grads[n].reshape(len(grads[n]), -1) for n in projection.direct_names], 1).double()
-        columns.append(flat if projection.direct is None else flat @ projection.direct.matrix().double())
-    return torch.cat(columns, 1)
+    columns += [grads[n].reshape(len(grads[n]), -1).double() for n in projection.direct_names]
+    z = torch.cat(columns, 1)
+    mixer = projection.mixer
+    return z if mixer.kind == "identity" else z @ mixer.matrix().double()
 
 
 def factored_and_reference(task, settings: FeatureSettings, batch: Batch):
@@ -115,19 +116,20 @@ def settings(**changes) -> FeatureSettings:
     return FeatureSettings(**{**base, **changes})
 
 
-@pytest.mark.parametrize("output_fn", ["square", "loss"])
-def test_unet_with_attention_equals_the_kronecker_projection_of_vmap_gradients(output_fn):
+@pytest.mark.parametrize("output_fn,projector", [("square", "sjlt"), ("loss", "sjlt"), ("square", "identity")])
+def test_unet_with_attention_equals_the_kronecker_projection_of_vmap_gradients(output_fn, projector):
     # Conv, linear (time embedding, attention q/k/v/out), GroupNorm and biases; 4 timesteps in chunks of 3.
     unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
     task = UnconditionalPixelTask(unet, make_scheduler())
-    features, reference, computer = factored_and_reference(task, settings(output_fn=output_fn),
+    features, reference, computer = factored_and_reference(task, settings(output_fn=output_fn, projector=projector),
                                                            Batch(images(3, 16), [0, 1, 2]))
     kinds = {type(unet.get_submodule(b.module)).__name__ for b in computer.projection.blocks}
     assert kinds == {"Conv2d", "Linear"}
     assert any(".to_q." in b.param for b in computer.projection.blocks)
     assert any("norm" in n for n in computer.projection.direct_names)
     assert any(n.endswith(".bias") for n in computer.projection.direct_names)
-    assert features.shape == (3, 256) and computer.feature_dim == 256
+    k = 256 if projector == "sjlt" else computer.projection.intermediate_dim
+    assert features.shape == (3, k) and computer.feature_dim == k
     assert relative_error(features, reference) < 1e-5
 
 
@@ -158,7 +160,7 @@ def test_lora_weights_equal_the_kronecker_projection_of_vmap_gradients():
     computer = featurizer.computer
     # LoRA A and B are the Linear layers inside peft's wrappers; no biases, so no direct group.
     assert computer.param_names and all("lora_" in n for n in computer.param_names)
-    assert len(computer.projection.blocks) == len(computer.param_names) and computer.projection.direct_dim == 0
+    assert len(computer.projection.blocks) == len(computer.param_names) and computer.projection.direct_size == 0
     inputs = DiffusionInputs(images(2, 8), condition, [0, 1])
     noise = batch_noise(0, [0, 1], featurizer.timesteps, (3, 8, 8))
     grads = per_sample_gradients(task, featurizer.param_names, inputs, noise, featurizer.timesteps, computer.output_fn)
@@ -185,39 +187,37 @@ def test_rows_do_not_depend_on_the_batch_neighbours():
     torch.testing.assert_close(torch.from_numpy(alone[0]), torch.from_numpy(phi[2]), rtol=1e-5, atol=1e-7)
 
 
-def test_groups_tile_the_columns_and_k_enters_the_cache_key():
+def test_blocks_are_capped_and_uncompressed_sides_are_the_identity():
     unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
     featurizer = Featurizer.create(UnconditionalPixelTask(unet, make_scheduler()), settings(projection_dim=300))
-    groups = featurizer.computer.groups()
-    assert groups[0].start == 0 and groups[-1].stop == 300 == featurizer.feature_dim
+    projection = featurizer.computer.projection
+    for block in projection.blocks:
+        assert (block.k_out, block.k_in) == (min(block.d_out, BLOCK_OUT), min(block.d_in, BLOCK_IN))
+        r_out, r_in = projection.factors(block)
+        assert r_out.shape == (block.d_out, block.k_out) and r_in.shape == (block.d_in, block.k_in)
+        if block.k_out == block.d_out:
+            assert torch.equal(r_out, torch.eye(block.d_out))
+    conv_in = projection.blocks[0]
+    assert (conv_in.param, conv_in.d_out, conv_in.d_in) == ("conv_in.weight", 8, 27)
+    assert projection.intermediate_dim == sum(b.size for b in projection.blocks) + projection.direct_size
+
+
+def test_groups_and_cache_key():
+    unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
+    task = UnconditionalPixelTask(unet, make_scheduler())
+    mixed = Featurizer.create(task, settings(projection_dim=300)).computer
+    assert [(g.name, g.start, g.stop) for g in mixed.groups()] == [("all", 0, 300)]
+    # Without mixing, every layer's block is its own group, then the biases and norm weights.
+    blocks = Featurizer.create(task, settings(projector="identity")).computer
+    groups = blocks.groups()
+    assert groups[0].name == "conv_in.weight" and groups[-1].name == DIRECT_GROUP
+    assert groups[0].start == 0 and groups[-1].stop == blocks.feature_dim == blocks.projection.intermediate_dim
     assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
-    assert groups[-1].name == DIRECT_GROUP and groups[0].name == "conv_in.weight"
     key = settings(projection_dim=300).key_fields()
-    assert key["computer"] == "factored" and key["projection_dim"] == 300
-    described = featurizer.computer.describe()
+    assert key["computer"] == "factored" and key["projection_dim"] == 300 and key["sparsity"] == 4
+    described = mixed.describe()
     assert described["layers"] == len(groups) - 1 and described["feature_dim"] == 300
-
-
-def test_shares_grow_as_the_square_root_of_the_group_size():
-    sizes = [100, 400, 1600, 6400]
-    shares = allocate(sizes, 150)
-    assert sum(shares) == 150 and shares == [10, 20, 40, 80]
-    # A group smaller than its share keeps all its coordinates; the rest goes to the others.
-    capped = allocate([4, 10_000, 10_000], 1000)
-    assert capped[0] == 4 and sum(capped) == 1000 and abs(capped[1] - capped[2]) <= 1
-    assert allocate([3, 5], 100) == [3, 5]  # k >= p: every coordinate kept
-    with pytest.raises(FactoredError, match=r"^projection dimension k=2 is smaller than the 3 parameter groups"):
-        allocate([10, 10, 10], 2)
-
-
-def test_block_shapes_follow_the_layer_aspect_and_fill_the_budget():
-    assert block_shape(64, 576, 36) == (2, 18)  # d_out / d_in = 1/9 -> k_out / k_in ~ 1/9
-    assert block_shape(8, 8, 1000) == (8, 8)  # never more than the layer has
-    dims = [(64, 576), (32, 32), (3, 288)]
-    shapes = fill_blocks(dims, [37, 17, 10])
-    # Whole rows and columns only; what one layer's shape leaves over goes to another.
-    assert all(a <= d_out and b <= d_in for (a, b), (d_out, d_in) in zip(shapes, dims))
-    assert 64 - 2 <= sum(a * b for a, b in shapes) <= 64
+    assert described["projector"]["kind"] == "sjlt"
 
 
 def test_unsupported_layers_are_refused_by_name():
@@ -256,14 +256,13 @@ def test_a_layer_that_sees_a_shared_input_is_refused():
         featurizer.featurize(Batch(images(2, 8, channels=4), [0, 1]))
 
 
-def test_settings_that_would_break_the_cache_key_or_k_are_refused():
+def test_a_k_above_the_intermediate_dimension_is_refused():
     unet = UNET_PRESETS["tiny"].build(image_size=16, seed=0).eval()
     task = UnconditionalPixelTask(unet, make_scheduler())
-    with pytest.raises(FactoredError, match=r"^the factored computer draws its own projections.*projector 'identity'"):
-        Featurizer.create(task, settings(projector="identity"))
-    with pytest.raises(FactoredError, match=r"^projection dimension k=100000 exceeds the number of selected gradient "
-                                            r"coordinates p=\d+; choose k <= \d+$"):
-        Featurizer.create(task, settings(projection_dim=100_000, params="re:^conv_in"))
+    with pytest.raises(FactoredError, match=r"^projection dimension k=200 exceeds the factored computer's "
+                                            r"intermediate dimension m=136 \(Kronecker blocks of at most 64 x 16 "
+                                            r"per layer, plus biases and norm weights\); choose k <= 136$"):
+        Featurizer.create(task, settings(projection_dim=200, params="re:^conv_in"))
 
 
 def test_projection_is_a_function_of_seed_and_shapes_and_preserves_norms_on_average():
@@ -272,11 +271,12 @@ def test_projection_is_a_function_of_seed_and_shapes_and_preserves_norms_on_aver
     a = Featurizer.create(task, settings(projection_dim=512)).computer.projection
     b = Featurizer.create(task, settings(projection_dim=512)).computer.projection
     c = Featurizer.create(task, settings(projection_dim=512, seed=1)).computer.projection
-    block = a.blocks[5]
+    block = next(blk for blk in a.blocks if blk.k_in < blk.d_in)
     assert all(torch.equal(x, y) for x, y in zip(a.factors(block), b.factors(block)))
-    assert not torch.equal(a.factors(block)[0], c.factors(block)[0])
+    assert not torch.equal(a.factors(block)[1], c.factors(block)[1])
+    assert torch.equal(a.mixer.matrix(), b.mixer.matrix()) and not torch.equal(a.mixer.matrix(), c.mixer.matrix())
     # E |P^T g|^2 = |g|^2: both factors have i.i.d. entries of variance 1/k (their column count).
-    factors = [f for blk in a.blocks for f in a.factors(blk) if f.numel() >= 1000]
+    factors = [f for blk in a.blocks for f in a.factors(blk) if f.numel() >= 1000 and f.shape[0] != f.shape[1]]
     assert len(factors) >= 3
     for factor in factors:
         assert math.isclose(factor.pow(2).mean().item() * factor.shape[1], 1.0, rel_tol=0.15)
