@@ -320,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = bench_speed(args.model, args.data, args.batch_size, args.num_timesteps, args.projection_dim,
                              args.timestep_chunk, args.rounds, not args.no_default, blocks)
     elif args.command == "memory":
-        configs = [(c, p, int(k)) for c, p, k in (x.split(":") for x in args.configs)] if args.configs else [
+        # computer:params:chunk; the params may hold colons themselves ("re:...").
+        configs = [(x.split(":")[0], x.split(":", 1)[1].rsplit(":", 1)[0], int(x.rsplit(":", 1)[1]))
+                   for x in args.configs] if args.configs else [
             ("factored", "all", 1), ("factored", "all", 2), ("factored", "all", 10),
             ("factored", "re:^up_blocks", 2), ("per-sample-gradients", "all", 10)]
         report = bench_memory(args.model, args.data, configs, args.batch_size, args.num_timesteps, args.projection_dim)

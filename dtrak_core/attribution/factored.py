@@ -60,12 +60,11 @@ naming it: never silently dropped.
 
 from __future__ import annotations
 
+import math
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
-
-import math
-import threading
 
 import torch
 from torch import nn

@@ -280,3 +280,16 @@ def test_projection_is_a_function_of_seed_and_shapes_and_preserves_norms_on_aver
     assert len(factors) >= 3
     for factor in factors:
         assert math.isclose(factor.pow(2).mean().item() * factor.shape[1], 1.0, rel_tol=0.15)
+
+
+def test_speed_benchmark_reports_each_row_against_the_training_step(tiny_model_dir):
+    from dtrak_core.factored_bench import bench_speed
+
+    report = bench_speed(tiny_model_dir, tiny_model_dir.parent / "data", batch_size=2, num_timesteps=2,
+                         projection_dim=64, timestep_chunk=1, rounds=1, blocks=((64, 16), (8, 8)))
+    rows = {row["row"]: row for row in report["rows"]}
+    assert list(rows) == ["training step", "factored 64x16, chunk 1", "factored 8x8, chunk 1",
+                          "per-sample gradients + sjlt (default), chunk 10"]
+    assert rows["training step"]["x_step_per_timestep_cpu"] == 1.0
+    assert all(row["cpu_s_per_sample"] > 0 and row["x_step_per_timestep_wall"] > 0 for row in rows.values())
+    assert report["intermediate_dim 8x8"] < report["intermediate_dim 64x16"] and report["num_parameters"] > 0
