@@ -27,12 +27,15 @@ Why a global second stage rather than a share of k per layer: a layer's block is
 error falls with its size, and a block-diagonal layout fixes each layer's share in advance, while
 the gradient mass of a sample sits in a few layers. Mixing every block into all k columns spends
 the columns where the mass is. Measured on the mini model's LDS build at k = 2048 (D-TRAK, K = 10,
-validation LDS, from the same exact gradients): per-layer Kronecker blocks sized to shares of k
-(proportional to sqrt(p_layer): 29.8; to p_layer: 36.4; equal: 33.1) against 44.3 for the two
-stages and 44.5 for the sparse JL of the whole gradient (``docs/benchmarks/factored.md``). The
-block caps: the input side costs a convolution with k_in output channels per layer (cheap up to
-16 on a CPU), the output side a small matmul of dY; 64 x 16 blocks keep the sketch's error
-below the LDS's noise there (32 x 32 and 64 x 64 measured the same within it).
+validation LDS, projections of the same exact gradients; ``docs/benchmarks/factored.md``): a
+single stage of per-layer Kronecker blocks sized to shares of k scored 29.8 (shares proportional
+to sqrt(p_layer)), 36.4 (to p_layer) and 33.1 (equal), the two stages 41.5 +- 0.7 over five
+projection seeds, the sparse JL of the whole gradient 43.4 +- 1.4. The block caps trade speed for
+fidelity: the input side costs a convolution with k_in output channels per layer (on a CPU as
+cheap at 16 as at 1, twice that at 32), the output side a small matmul of dY. 32 x 32 blocks
+scored 42.9 +- 0.7 at 0.98-1.15x a training step per sample-timestep on the demo UNet (CPU time,
+chunk 2), against 0.87-0.97x for 64 x 16; 64 x 64 scored 43.0 +- 0.7 and its input side is a
+64-channel convolution per layer.
 
 With ``projector="identity"`` the features are z itself (m columns; k is then ignored, as for
 the per-sample-gradient computer) and :meth:`FactoredGradientProjection.groups` names every
