@@ -13,6 +13,7 @@ from dtrak_core.attribution.featurizer import Featurizer, FeatureSettings
 from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, NoiseSchedule
 from dtrak_core.attribution.projectors import DenseProjector, SparseProjector, make_projector
 from dtrak_core.attribution.scorers import KernelScorer
+from dtrak_core.attribution import factored  # noqa: F401  (registers the "factored" feature computer)
 
 __all__ = ["FeatureSet", "FeatureSettings", "Featurizer", "KernelScorer", "NoiseSchedule",
            "OUTPUT_FUNCTIONS", "DenseProjector", "SparseProjector", "StaleFeaturesError",
