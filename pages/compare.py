@@ -10,7 +10,8 @@ from dtrak_app import feature_jobs
 from dtrak_app import views
 from dtrak_app.text import md_escape, plotly_text
 from dtrak_core.attribution.methods import APP_METHODS, METHODS, FeaturesNotReady
-from dtrak_core.attribution.results import rank_comparison, score_table, top_k_overlap, top_proponents
+from dtrak_core.attribution.results import rank_comparison, top_k_overlap, top_proponents
+from dtrak_core.conventions import DEFAULT_LAMBDA
 
 c.require_access()  # first: a page may run without app.py (see require_access)
 
@@ -24,11 +25,12 @@ if "compare" not in st.session_state:
     linked = [m for m in st.query_params.get("compare", "").split(",") if m in APP_METHODS]
     st.session_state["compare"] = linked or ["dtrak", "trak", "pixel"]
 chosen = st.multiselect("Methods (two or more)", APP_METHODS, key="compare", format_func=lambda m: METHODS[m].label)
-cols = st.columns(4)
+cols = st.columns(3)
 cols[0].number_input("K timesteps", min_value=1, max_value=1000, step=1, key="K")
 cols[1].selectbox("Projection size k", sorted(set(c.k_OPTIONS) | {int(st.session_state["k"])}), key="k")
-cols[2].number_input("lambda", min_value=0.0, format="%g", key="lambda")
-top_k = cols[3].number_input("top-k", min_value=1, max_value=100, value=10, step=1)
+top_k = cols[2].number_input("top-k", min_value=1, max_value=100, value=10, step=1)
+st.caption("Each kernel method uses its own calibrated lambda for this model, unless you set lambda on "
+           "Attribute (Advanced).")
 c.sync_url(compare=",".join(chosen))
 if target is None:
     st.stop()
@@ -36,19 +38,21 @@ if len(chosen) < 2:
     st.warning("Pick at least two methods to compare.")
     st.stop()
 
-K, k, lam = int(st.session_state["K"]), int(st.session_state["k"]), float(st.session_state["lambda"])
-tables = {}
+K, k = int(st.session_state["K"]), int(st.session_state["k"])
+tables, lambdas = {}, {}
 for name in chosen:
     pending = feature_jobs.features_pending(ctx, METHODS[name], K, k)
     if pending is not None:  # what it needs and a Start button, or the job's progress (refreshed)
         feature_jobs.wait_for_features(ctx, pending, name, K, k, place=f"{name}_", fallback=None)
         continue
     try:
-        scores = c.scores_for(ctx, target, name, K, k, lam)
+        lambdas[name] = c.effective_lambda(ctx, name, K, k) if METHODS[name].uses_lambda else None
+        # A method without lambda ignores the value (its scores are keyed without it).
+        scores = c.scores_for(ctx, target, name, K, k, lambdas[name] if lambdas[name] is not None else DEFAULT_LAMBDA)
     except (FeaturesNotReady, ValueError) as error:
         st.error(f"{METHODS[name].label}: {md_escape(error)}")
         continue
-    tables[name] = score_table(scores, ctx.train.metadata, ctx.train.label_column)
+    tables[name] = views.result_table(scores, ctx)
 
 st.image(c.pixel_image_url(target.image, 128), caption=md_escape(target.label))
 if not tables:
@@ -57,6 +61,8 @@ columns = st.columns(len(tables))
 for column, (name, table) in zip(columns, tables.items()):
     with column:
         st.subheader(METHODS[name].label)
+        if lambdas.get(name) is not None:
+            st.caption(f"lambda {lambdas[name]:.3g}")
         views.tiles(ctx.train.images, top_proponents(table, 6), columns=2, side=96)
 
 if len(tables) >= 2:
