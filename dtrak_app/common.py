@@ -105,6 +105,7 @@ def require_access() -> None:
     into the form; the session then keeps the grant. Pages call it too: on a fresh server,
     Streamlit may run a page of ``pages/`` directly, without ``app.py``, until ``app.py`` has run once.
     """
+    keep_shared_state()  # every page calls this first, with or without app.py (see keep_shared_state)
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
         address = st.get_option("server.address")
@@ -215,6 +216,10 @@ def init_state() -> None:
     st.session_state["_model_from_link"] = "model" in q
     st.session_state["_upload_from_link"] = st.session_state["target"] == "upload"
     st.session_state["_url_loaded"] = True
+    # Into the app's own copy now, not at the next run's start: the next run may be a page that
+    # draws none of these widgets and runs without app.py (a fresh server), whose end deletes the
+    # widget keys; the copy would then never have held them (KeyError 'k' on the page after).
+    keep_shared_state()
 
 
 def _link_lambda_kept(text: str | None) -> bool:
